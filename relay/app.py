@@ -1,0 +1,164 @@
+"""The relay as an ASGI application: routes, and the parts that live as long as the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from .config import Settings
+from .hub import Hub, TaskHub
+from .metrics import Metrics
+from .poll_loop import PollPolicy, poll_task
+from .protocol import ErrorCode, error_response, invalid_task_id_message, is_valid_task_id
+from .signing import make_signer
+from .simulator import Simulator
+from .sse import many_task_events, task_events
+from .upstream import (
+    TaskNotFound,
+    Unauthorized,
+    UpstreamClient,
+    UpstreamUnavailable,
+    make_http_client,
+)
+from .ws import websocket_endpoint
+
+logger = logging.getLogger("relay")
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+STATIC_DIR = next(
+    (p for p in (PACKAGE_DIR / "static", PACKAGE_DIR.parent / "static") if p.is_dir()),
+    PACKAGE_DIR.parent / "static",
+)
+SIMULATOR_URL = "http://simulator.invalid"
+
+
+class StateLookup:
+    """`GET /v1/tasks/{id}` without a loop: one upstream call, shared by concurrent requests."""
+
+    def __init__(self, upstream: UpstreamClient) -> None:
+        self._upstream = upstream
+        self._calls: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def fetch(self, task_id: str) -> dict[str, Any]:
+        call = self._calls.get(task_id)
+        if call is None:
+            call = asyncio.ensure_future(self._upstream.progress(task_id))
+            self._calls[task_id] = call
+            call.add_done_callback(lambda _: self._calls.pop(task_id, None))
+        return await asyncio.shield(call)
+
+
+async def task_state(request: Request) -> Response:
+    """`GET /v1/tasks/{taskId}`: the current state, from the running loop when there is one."""
+    task_id = request.path_params["task_id"]
+    if not is_valid_task_id(task_id):
+        return error_response(400, ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id))
+    task: TaskHub | None = request.app.state.hub.get(task_id)
+    if task is not None and task.state is not None:
+        return JSONResponse(task.state, headers={"X-Relay-Seq": str(task.seq)})
+    if task is not None and task.ended:
+        return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown task {task_id}")
+    try:
+        state = await request.app.state.lookup.fetch(task_id)
+    except TaskNotFound:
+        return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown task {task_id}")
+    except Unauthorized:
+        return error_response(502, ErrorCode.UNAUTHORIZED, "the upstream refused the relay")
+    except UpstreamUnavailable as exc:
+        return error_response(503, ErrorCode.UPSTREAM_UNAVAILABLE, str(exc))
+    return JSONResponse(state)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the relay; the upstream client, hub and loops start and stop with its lifespan."""
+    metrics = Metrics()
+    simulator = Simulator() if settings.simulated else None
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        transport = httpx.ASGITransport(app=simulator.app) if simulator is not None else None
+        http = make_http_client(
+            settings.request_timeout, settings.upstream_concurrency, transport=transport
+        )
+        signer = make_signer(settings.signing, settings.access_key_id, settings.access_key_secret)
+        upstream = UpstreamClient(
+            http,
+            settings.upstream_url or SIMULATOR_URL,
+            signer,
+            settings.upstream_concurrency,
+            on_call=metrics.upstream_call,
+        )
+        policy = PollPolicy(
+            interval=settings.poll_interval,
+            backoff_base=min(0.5, settings.poll_interval),
+            backoff_max=settings.backoff_max,
+        )
+
+        async def poll(task: TaskHub) -> None:
+            await poll_task(task, upstream, policy)
+
+        hub = Hub(
+            poll,
+            linger=settings.linger,
+            ended_ttl=settings.ended_ttl,
+            on_loops=metrics.loops_changed,
+            on_subscribers=metrics.subscribers_changed,
+            on_pushed=metrics.pushed,
+        )
+        app.state.hub = hub
+        app.state.lookup = StateLookup(upstream)
+        try:
+            yield
+        finally:
+            await hub.close()
+            await http.aclose()
+
+    routes: list[BaseRoute] = [
+        Route("/", index),
+        Route("/healthz", healthz),
+        Route("/metrics", metrics.endpoint),
+        Route("/v1/tasks/{task_id}", task_state),
+        Route("/v1/tasks/{task_id}/events", task_events),
+        Route("/v1/events", many_task_events),
+        WebSocketRoute("/v1/ws", websocket_endpoint),
+        Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
+    ]
+    if simulator is not None:
+        routes += simulator.control_routes()
+    middleware = []
+    if settings.allowed_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.allowed_origins),
+                allow_methods=["GET"],
+                allow_headers=["Last-Event-ID"],
+                max_age=600,
+            )
+        )
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.simulator = simulator
+    return app

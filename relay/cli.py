@@ -1,0 +1,143 @@
+"""The `relay` command: `relay serve` runs the relay, `relay simulate` the simulated upstream."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import uvicorn
+
+from . import __version__
+from .config import (
+    OPTIONS,
+    ConfigError,
+    Settings,
+    fraction,
+    load_settings,
+    non_negative_float,
+    port_number,
+)
+
+WS_MAX_SIZE = 64 * 1024
+GRACEFUL_SHUTDOWN_SECONDS = 3
+
+logger = logging.getLogger("relay")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="comfy-relay: live ComfyUI task progress over SSE and WebSocket."
+    )
+    parser.add_argument("--version", action="version", version=f"comfy-relay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the relay (on the embedded simulator by default)"
+    )
+    for option in OPTIONS:
+        if option.flag is not None:
+            serve.add_argument(option.flag, dest=option.name, metavar="VALUE", help=option.help)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    simulate = commands.add_parser("simulate", help="run the simulated upstream alone")
+    simulate.add_argument("--host", default="127.0.0.1", help="listening address")
+    simulate.add_argument("--port", default="8001", help="listening port (default 8001)")
+    simulate.add_argument(
+        "--fail-rate", default="0.1", help="share of tasks that end failed (default 0.1)"
+    )
+    simulate.add_argument("--latency", default="0", help="seconds added to every call")
+    simulate.add_argument("--error-rate", default="0", help="share of calls answered HTTP 500")
+    simulate.add_argument(
+        "--throttle-rate", default="0", help="share of calls answered 429 with Retry-After"
+    )
+    simulate.add_argument("--timeout-rate", default="0", help="share of calls that hang")
+    simulate.add_argument(
+        "--malformed-rate", default="0", help="share of calls answered with a non-JSON body"
+    )
+    simulate.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(settings: Settings, log_level: str) -> None:
+    from .app import create_app
+
+    setup_logging(log_level)
+    url = f"http://{settings.host}:{settings.port}/"
+    if settings.simulated:
+        logger.info(
+            "comfy-relay %s on the embedded simulator (no upstream configured): %s",
+            __version__,
+            url,
+        )
+    else:
+        logger.info("comfy-relay %s polling %s: %s", __version__, settings.upstream_url, url)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+        ws_max_size=WS_MAX_SIZE,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        server_header=False,
+    )
+
+
+def simulate(args: argparse.Namespace) -> None:
+    from .simulator import Faults, Simulator
+
+    def parsed(flag: str, parse: Callable[[str], Any]) -> Any:
+        try:
+            return parse(getattr(args, flag.removeprefix("--").replace("-", "_")))
+        except ValueError as exc:
+            raise ConfigError(f"{flag} {exc}") from None
+
+    port = parsed("--port", port_number)
+    faults = Faults(
+        latency=parsed("--latency", non_negative_float),
+        error_rate=parsed("--error-rate", fraction),
+        throttle_rate=parsed("--throttle-rate", fraction),
+        timeout_rate=parsed("--timeout-rate", fraction),
+        malformed_rate=parsed("--malformed-rate", fraction),
+    )
+    simulator = Simulator(fail_rate=parsed("--fail-rate", fraction), faults=faults)
+    setup_logging(args.log_level)
+    logger.info("comfy-relay simulator on http://%s:%d/", args.host, port)
+    uvicorn.run(
+        simulator.app,
+        host=args.host,
+        port=port,
+        log_config=None,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            flags = {option.name: getattr(args, option.name, None) for option in OPTIONS}
+            settings = load_settings(flags, os.environ)
+            serve(settings, args.log_level)
+        elif args.command == "simulate":
+            simulate(args)
+    except ConfigError as exc:
+        print(f"relay: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        pass

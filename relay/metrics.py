@@ -1,0 +1,61 @@
+"""Prometheus metrics, one registry per app so that several relays can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.poll_loops = Gauge(
+            "relay_poll_loops", "Poll loops running in this process", registry=self.registry
+        )
+        self.subscribers = Gauge(
+            "relay_subscribers",
+            "Task subscriptions held, by transport",
+            ["transport"],
+            registry=self.registry,
+        )
+        self.upstream_calls = Counter(
+            "relay_upstream_calls",
+            "Upstream calls, by outcome (ok, not_found, unauthorized, error)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "relay_upstream_latency_seconds",
+            "Upstream call duration",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.messages = Counter(
+            "relay_messages_pushed",
+            "Messages pushed to subscribers, by transport",
+            ["transport"],
+            registry=self.registry,
+        )
+        for transport in ("sse", "ws"):
+            self.subscribers.labels(transport)
+            self.messages.labels(transport)
+        for outcome in ("ok", "not_found", "unauthorized", "error"):
+            self.upstream_calls.labels(outcome)
+
+    def upstream_call(self, outcome: str, seconds: float) -> None:
+        self.upstream_calls.labels(outcome).inc()
+        self.upstream_latency.observe(seconds)
+
+    def loops_changed(self, delta: int) -> None:
+        self.poll_loops.inc(delta)
+
+    def subscribers_changed(self, transport: str, delta: int) -> None:
+        self.subscribers.labels(transport).inc(delta)
+
+    def pushed(self, transport: str, count: int) -> None:
+        self.messages.labels(transport).inc(count)
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,56 @@
+"""JSON Merge Patch (RFC 7396): the diff the relay pushes, and how a client applies it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSONObject = dict[str, Any]
+
+
+def merge_patch(old: JSONObject, new: JSONObject) -> JSONObject:
+    """Return the merge patch that turns `old` into `new`.
+
+    Nested objects are patched member by member; a member that disappeared is
+    `null`. Merge patches cannot carry a `null` value, so states hold none (the
+    relay drops them when it reads the upstream).
+    """
+    patch: JSONObject = {}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+            continue
+        before = old[key]
+        if isinstance(value, dict) and isinstance(before, dict):
+            nested = merge_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif before != value or type(before) is not type(value):
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def apply_patch(target: Any, patch: Any) -> Any:
+    """Apply a merge patch to `target` and return the result; neither argument is changed."""
+    if not isinstance(patch, dict):
+        return patch
+    result: JSONObject = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = apply_patch(result.get(key), value)
+    return result
+
+
+def drop_nulls(value: Any) -> Any:
+    """Remove `null` members from objects, recursively.
+
+    Arrays are kept as they are: a merge patch replaces an array whole, so a
+    `null` inside one survives the round trip.
+    """
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    return value

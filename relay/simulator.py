@@ -1,0 +1,318 @@
+"""A simulated upstream that speaks the real progress API, with faults on demand.
+
+Tasks wait in a queue, then run through ComfyUI-like nodes step by step, and end
+`succeeded` or, now and then, `failed`. Progress follows the wall clock, so a
+task looks the same whoever asks and however often.
+
+Upstream routes (as the real service): `POST /scc/comfy_get_progress`,
+`POST /scc/comfy_get_result`. Control routes (the simulator's own):
+`POST /sim/tasks` starts a task, `GET /sim/stats` counts calls per task,
+`POST /sim/faults` makes the upstream misbehave, `GET /sim/images/{id}.svg`
+serves a finished task's picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import secrets
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .upstream import NOT_FOUND_CODE
+
+# (node label, steps): a text-to-image workflow with an upscale pass.
+WORKFLOW: tuple[tuple[str, int], ...] = (
+    ("CheckpointLoaderSimple", 1),
+    ("CLIPTextEncode", 2),
+    ("KSampler", 20),
+    ("VAEDecode", 1),
+    ("IterativeImageUpscale", 12),
+    ("VAEDecode", 1),
+    ("SaveImage", 1),
+)
+TOTAL_STEPS = sum(steps for _, steps in WORKFLOW)
+FAULT_KINDS = ("error", "throttle", "timeout", "malformed")
+MAX_TASKS = 100_000
+IMAGE_SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="256" height="256" viewBox="0 0 256 256">'
+    '<defs><linearGradient id="g" x1="0" y1="0" x2="1" y2="1">'
+    '<stop offset="0" stop-color="hsl({hue},80%,60%)"/>'
+    '<stop offset="1" stop-color="hsl({hue2},70%,35%)"/></linearGradient></defs>'
+    '<rect width="256" height="256" fill="url(#g)"/>'
+    '<circle cx="170" cy="90" r="40" fill="hsl({hue3},90%,85%)" opacity=".8"/>'
+    '<path d="M0 200 L80 130 L140 180 L200 120 L256 170 L256 256 L0 256Z" fill="rgba(0,0,0,.35)"/>'
+    "</svg>"
+)
+
+
+@dataclass
+class SimTask:
+    task_id: str
+    created: float
+    queue_seconds: float
+    run_seconds: float
+    queue_ahead: int
+    fail_at: float | None  # fraction of the run at which it fails, None when it succeeds
+
+    def state(self, now: float) -> dict[str, Any]:
+        elapsed = now - self.created
+        if elapsed < self.queue_seconds:
+            left = 1 - elapsed / self.queue_seconds
+            return {
+                "taskId": self.task_id,
+                "status": "waiting",
+                "progress": 0,
+                "etaRelative": 0,
+                "lastQueueRemaining": max(1, math.ceil(self.queue_ahead * left)),
+            }
+        fraction = (elapsed - self.queue_seconds) / self.run_seconds
+        if self.fail_at is not None and fraction >= self.fail_at:
+            label, step, max_steps, progress = node_at(self.fail_at)
+            return {
+                "taskId": self.task_id,
+                "status": "failed",
+                "progress": progress,
+                "etaRelative": 0,
+                "message": f"Error occurred when executing {label}: CUDA out of memory",
+                "state": {"step": step, "maxSteps": max_steps, "nodeLabel": label},
+            }
+        if fraction >= 1:
+            return {
+                "taskId": self.task_id,
+                "status": "succeeded",
+                "progress": 1,
+                "etaRelative": 0,
+                "message": "Prompt executed",
+            }
+        label, step, max_steps, progress = node_at(fraction)
+        return {
+            "taskId": self.task_id,
+            "status": "running",
+            "progress": progress,
+            "etaRelative": round(self.run_seconds * (1 - fraction), 6),
+            "message": f"Executing node {label}",
+            "state": {"step": step, "maxSteps": max_steps, "nodeLabel": label},
+        }
+
+
+def node_at(fraction: float) -> tuple[str, int, int, float]:
+    """The node running at a fraction of the run: label, step (1-based), its steps, progress."""
+    done = min(int(fraction * TOTAL_STEPS), TOTAL_STEPS - 1)
+    before = 0
+    for label, steps in WORKFLOW:
+        if done < before + steps:
+            return label, done - before + 1, steps, round(done / TOTAL_STEPS, 8)
+        before += steps
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Faults:
+    """How often the upstream misbehaves, plus a script of faults for the next calls."""
+
+    latency: float = 0.0
+    error_rate: float = 0.0
+    throttle_rate: float = 0.0
+    timeout_rate: float = 0.0
+    malformed_rate: float = 0.0
+    hang_seconds: float = 30.0
+    retry_after: float = 1.0
+    script: deque[str] = field(default_factory=deque)
+
+    def draw(self) -> str | None:
+        if self.script:
+            return self.script.popleft()
+        roll = random.random()
+        for kind, rate in zip(
+            FAULT_KINDS,
+            (self.error_rate, self.throttle_rate, self.timeout_rate, self.malformed_rate),
+            strict=True,
+        ):
+            if roll < rate:
+                return kind
+            roll -= rate
+        return None
+
+
+def envelope(
+    data: Any, *, sub_err: str | None = None, message: str | None = None
+) -> dict[str, Any]:
+    return {
+        "status": 20 if sub_err else 10,
+        "apiInvokeId": "i_" + secrets.token_hex(12),
+        "data": data,
+        "subErrCode": sub_err,
+        "subErrMessage": message,
+        "errCode": None,
+        "errMessage": None,
+    }
+
+
+class Simulator:
+    def __init__(self, *, fail_rate: float = 0.1, faults: Faults | None = None) -> None:
+        self.fail_rate = fail_rate
+        self.faults = faults or Faults()
+        self.tasks: dict[str, SimTask] = {}
+        self.calls: Counter[str] = Counter()
+        self.states: Counter[str] = Counter()
+        self.in_flight = 0
+        self.app = Starlette(
+            routes=[
+                Route("/scc/comfy_get_progress", self.get_progress, methods=["POST"]),
+                Route("/scc/comfy_get_result", self.get_result, methods=["POST"]),
+                *self.control_routes(),
+            ]
+        )
+
+    def control_routes(self) -> list[Route]:
+        """The simulator's own routes, which the relay also serves when it embeds it."""
+        return [
+            Route("/sim/tasks", self.post_task, methods=["POST"]),
+            Route("/sim/stats", self.get_stats, methods=["GET"]),
+            Route("/sim/faults", self.post_faults, methods=["POST"]),
+            Route("/sim/images/{task_id}.svg", self.get_image, methods=["GET"]),
+        ]
+
+    def start_task(
+        self, *, queue: float = 3.0, duration: float = 20.0, fail: bool | None = None
+    ) -> SimTask:
+        if len(self.tasks) >= MAX_TASKS:
+            self.tasks.pop(next(iter(self.tasks)))
+        if fail is None:
+            fail = random.random() < self.fail_rate
+        task = SimTask(
+            task_id=secrets.token_hex(13)[:25],
+            created=time.monotonic(),
+            queue_seconds=queue,
+            run_seconds=duration,
+            queue_ahead=max(1, min(9, round(queue))) if queue > 0 else 0,
+            fail_at=random.uniform(0.3, 0.8) if fail else None,
+        )
+        self.tasks[task.task_id] = task
+        return task
+
+    # -- the upstream API -------------------------------------------------------------
+
+    async def get_progress(self, request: Request) -> Response:
+        task_id, fault = await self._begin_call(request)
+        try:
+            if fault is not None:
+                return await self._misbehave(fault)
+            task = self.tasks.get(task_id or "")
+            if task is None:
+                return JSONResponse(
+                    envelope(None, sub_err=NOT_FOUND_CODE, message=f"Cannot find task:{task_id}")
+                )
+            state = task.state(time.monotonic())
+            self.states[state["status"]] += 1
+            return JSONResponse(envelope(state))
+        finally:
+            self.in_flight -= 1
+
+    async def get_result(self, request: Request) -> Response:
+        task_id, fault = await self._begin_call(request)
+        try:
+            if fault is not None:
+                return await self._misbehave(fault)
+            task = self.tasks.get(task_id or "")
+            if task is None:
+                return JSONResponse(
+                    envelope(None, sub_err=NOT_FOUND_CODE, message=f"Cannot find task:{task_id}")
+                )
+            images = [f"/sim/images/{task.task_id}.svg"]
+            return JSONResponse(envelope({"images": images, "result": {"seed": hash(task_id)}}))
+        finally:
+            self.in_flight -= 1
+
+    async def _begin_call(self, request: Request) -> tuple[str | None, str | None]:
+        self.in_flight += 1
+        try:
+            body = json.loads(await request.body())
+            task_id = body.get("taskId") if isinstance(body, dict) else None
+        except ValueError:
+            task_id = None
+        task_key = task_id if isinstance(task_id, str) else ""
+        self.calls[task_key] += 1
+        if self.faults.latency:
+            await asyncio.sleep(self.faults.latency)
+        return task_key, self.faults.draw()
+
+    async def _misbehave(self, fault: str) -> Response:
+        if fault == "throttle":
+            headers = {"Retry-After": f"{self.faults.retry_after:g}"}
+            return JSONResponse({"message": "Too Many Requests"}, status_code=429, headers=headers)
+        if fault == "timeout":
+            await asyncio.sleep(self.faults.hang_seconds)
+        if fault == "malformed":
+            return Response(b"\xff<html>gateway hiccup", media_type="text/html")
+        return JSONResponse({"message": "Internal Server Error"}, status_code=500)
+
+    # -- control --------------------------------------------------------------------
+
+    async def post_task(self, request: Request) -> Response:
+        try:
+            options = json.loads(await request.body() or b"{}")
+            if not isinstance(options, dict):
+                raise ValueError("body must be a JSON object")
+            queue = float(options.get("queue", 3.0))
+            duration = float(options.get("duration", 20.0))
+            fail = options.get("fail")
+            if not (0 <= queue <= 3600 and 0 < duration <= 3600):
+                raise ValueError("queue must be 0-3600 s and duration 0-3600 s")
+            if fail is not None and not isinstance(fail, bool):
+                raise ValueError("fail must be true, false or absent")
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"code": "bad_request", "message": str(exc)}, status_code=400)
+        task = self.start_task(queue=queue, duration=duration, fail=fail)
+        return JSONResponse({"taskId": task.task_id}, status_code=201)
+
+    async def get_stats(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "calls": dict(self.calls),
+                "total": sum(self.calls.values()),
+                "byStatus": dict(self.states),
+                "inFlight": self.in_flight,
+            }
+        )
+
+    async def post_faults(self, request: Request) -> Response:
+        try:
+            options = json.loads(await request.body() or b"{}")
+            if not isinstance(options, dict):
+                raise ValueError("body must be a JSON object")
+            script = options.pop("script", None)
+            for name, value in options.items():
+                if name not in Faults.__dataclass_fields__ or name == "script":
+                    raise ValueError(f"unknown fault setting {name!r}")
+                if not isinstance(value, int | float) or value < 0:
+                    raise ValueError(f"{name} must be a number >= 0")
+            if script is not None and (
+                not isinstance(script, list) or any(s not in FAULT_KINDS for s in script)
+            ):
+                raise ValueError(f"script must be a list of {', '.join(FAULT_KINDS)}")
+        except ValueError as exc:
+            return JSONResponse({"code": "bad_request", "message": str(exc)}, status_code=400)
+        for name, value in options.items():
+            setattr(self.faults, name, float(value))
+        if script is not None:
+            self.faults.script = deque(script)
+        return JSONResponse({"ok": True})
+
+    async def get_image(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        if task_id not in self.tasks:
+            return Response(status_code=404)
+        hue = sum(task_id.encode()) * 37 % 360
+        svg = IMAGE_SVG.format(hue=hue, hue2=(hue + 120) % 360, hue3=(hue + 60) % 360)
+        return Response(svg, media_type="image/svg+xml")

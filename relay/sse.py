@@ -1,0 +1,155 @@
+"""Server-Sent Events: one stream per task, or one stream for many tasks."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import cast
+
+import anyio
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .hub import Cursor, Hub, Subscriber
+from .protocol import (
+    ErrorCode,
+    Event,
+    error_data,
+    error_response,
+    invalid_task_id_message,
+    is_valid_task_id,
+)
+
+MAX_SEQ = (1 << 63) - 1
+HEADERS = {"Cache-Control": "no-cache"}
+
+
+def parse_seq(value: str | None) -> int | None:
+    """A sequence number from a client, or None for anything that is not one."""
+    if value is None or not value.isascii() or not value.strip().isdigit():
+        return None
+    seq = int(value.strip())
+    return seq if seq <= MAX_SEQ else None
+
+
+def parse_stream_id(value: str | None) -> dict[str, int]:
+    """`taskId:seq` pairs from a many-task stream's Last-Event-ID; malformed pairs are ignored."""
+    resume: dict[str, int] = {}
+    for pair in (value or "").split(","):
+        task_id, _, raw = pair.strip().rpartition(":")
+        seq = parse_seq(raw)
+        if seq is not None and is_valid_task_id(task_id):
+            resume[task_id] = seq
+    return resume
+
+
+class ShutdownSignal:
+    """Stands in for the event sse-starlette sets on server shutdown: it wakes the stream."""
+
+    def __init__(self, subscriber: Subscriber) -> None:
+        self._subscriber = subscriber
+
+    def set(self) -> None:
+        self._subscriber.close()
+
+
+def retry_hint() -> bytes:
+    """Tells a client the server is going away; jittered so reconnects do not all come at once."""
+    return f"retry: {random.randint(1000, 4000)}\n\n".encode()
+
+
+async def stream_events(
+    hub: Hub,
+    subscriber: Subscriber,
+    subscriptions: list[tuple[str, int | None]],
+    frame: Callable[[Event, list[Cursor]], bytes],
+    prelude: bytes = b"",
+) -> AsyncIterator[bytes]:
+    """Yield what the subscriber's tasks have to say, one chunk per wake-up, until all ended."""
+    cursors = [hub.subscribe(task_id, subscriber, seq) for task_id, seq in subscriptions]
+    try:
+        if prelude:
+            yield prelude
+        while cursors and not all(cursor.done for cursor in cursors):
+            dirty = await subscriber.changed()
+            if subscriber.closing:
+                yield retry_hint()
+                return
+            events = [event for cursor in dirty for event in cursor.pending()]
+            if events:
+                hub.pushed("sse", len(events))
+                yield b"".join(frame(event, cursors) for event in events)
+    finally:
+        for cursor in cursors:
+            hub.unsubscribe(cursor)
+
+
+def event_source(request: Request, body: AsyncIterator[bytes], subscriber: Subscriber) -> Response:
+    settings = request.app.state.settings
+    return EventSourceResponse(
+        body,
+        headers=HEADERS,
+        ping=settings.ping_interval,
+        send_timeout=settings.send_timeout,
+        shutdown_event=cast(anyio.Event, ShutdownSignal(subscriber)),
+        shutdown_grace_period=1.0,
+    )
+
+
+async def task_events(request: Request) -> Response:
+    """`GET /v1/tasks/{taskId}/events`"""
+    task_id = request.path_params["task_id"]
+    if not is_valid_task_id(task_id):
+        return error_response(400, ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id))
+    hub: Hub = request.app.state.hub
+    seq = parse_seq(request.headers.get("last-event-id"))
+    if delivered(hub, task_id, seq):
+        return Response(status_code=204)
+    subscriber = Subscriber("sse")
+    body = stream_events(hub, subscriber, [(task_id, seq)], lambda event, _: event.sse)
+    return event_source(request, body, subscriber)
+
+
+def delivered(hub: Hub, task_id: str, seq: int | None) -> bool:
+    """True when a client holding state `seq` has all an ended task will ever send."""
+    task = hub.get(task_id)
+    return task is not None and task.delivered_all(seq)
+
+
+def multiplexed_frame(event: Event, cursors: list[Cursor]) -> bytes:
+    ids = ",".join(f"{c.task.task_id}:{c.seq}" for c in cursors if c.seq is not None)
+    return event.sse_multiplexed + (f"id: {ids}\n\n".encode() if ids else b"\n")
+
+
+async def many_task_events(request: Request) -> Response:
+    """`GET /v1/events?taskId=A&taskId=B`: one stream for many tasks."""
+    settings = request.app.state.settings
+    hub: Hub = request.app.state.hub
+    task_ids = list(dict.fromkeys(request.query_params.getlist("taskId")))
+    if not task_ids:
+        return error_response(400, ErrorCode.BAD_REQUEST, "give at least one taskId parameter")
+    if len(task_ids) > settings.max_stream_tasks:
+        message = f"at most {settings.max_stream_tasks} tasks per stream, got {len(task_ids)}"
+        return error_response(400, ErrorCode.TOO_MANY_TASKS, message)
+    resume = parse_stream_id(request.headers.get("last-event-id"))
+    valid = [task_id for task_id in task_ids if is_valid_task_id(task_id)]
+    invalid = [task_id for task_id in task_ids if not is_valid_task_id(task_id)]
+    if resume and not invalid and all(delivered(hub, t, resume.get(t)) for t in valid):
+        return Response(status_code=204)
+    prelude = b"".join(
+        multiplexed_frame(
+            Event(
+                "error",
+                task_id,
+                None,
+                error_data(ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id)),
+            ),
+            [],
+        )
+        for task_id in invalid
+    )
+    subscriber = Subscriber("sse")
+    subscriptions = [(task_id, resume.get(task_id)) for task_id in valid]
+    body = stream_events(hub, subscriber, subscriptions, multiplexed_frame, prelude)
+    return event_source(request, body, subscriber)

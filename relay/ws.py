@@ -1,0 +1,173 @@
+"""WebSocket `/v1/ws`: one socket, many task subscriptions, JSON text frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .hub import Cursor, Hub, Subscriber
+from .origins import origin_allowed
+from .protocol import ErrorCode, Event, dumps, error_data, invalid_task_id_message, is_valid_task_id
+
+logger = logging.getLogger("relay.ws")
+
+MAX_SUBSCRIPTIONS = 100
+MAX_PENDING_REPLIES = 64
+MAX_SEQ = (1 << 63) - 1
+
+
+class ClientError(Exception):
+    """A client message the relay cannot act on; the socket stays open."""
+
+    def __init__(self, code: ErrorCode, message: str, task_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.task_id = task_id
+
+    def reply(self) -> str:
+        message: dict[str, Any] = {"type": "error"}
+        if self.task_id is not None:
+            message["taskId"] = self.task_id
+        message["data"] = error_data(self.code, str(self))
+        return dumps(message)
+
+
+def parse_message(text: str) -> tuple[str, str, int | None]:
+    """Read a client message into (type, taskId, lastSeq), or raise ClientError."""
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ClientError(ErrorCode.BAD_REQUEST, "message is not valid JSON") from None
+    if not isinstance(message, dict):
+        raise ClientError(ErrorCode.BAD_REQUEST, "message must be a JSON object")
+    task_id = message.get("taskId")
+    named = task_id if isinstance(task_id, str) and len(task_id) <= 256 else None
+    kind = message.get("type")
+    if kind not in ("subscribe", "unsubscribe"):
+        raise ClientError(
+            ErrorCode.BAD_REQUEST, f"type must be 'subscribe' or 'unsubscribe', got {kind!r}", named
+        )
+    if not is_valid_task_id(task_id):
+        raise ClientError(ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id), named)
+    last_seq = message.get("lastSeq")
+    if last_seq is not None and (
+        not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq <= MAX_SEQ
+    ):
+        raise ClientError(ErrorCode.BAD_REQUEST, "lastSeq must be a whole number >= 0", named)
+    return str(kind), str(task_id), last_seq
+
+
+class Connection:
+    """One accepted socket: a reader for client messages, a sender for everything outgoing."""
+
+    def __init__(self, websocket: WebSocket, hub: Hub, send_timeout: float) -> None:
+        self.websocket = websocket
+        self.hub = hub
+        self.send_timeout = send_timeout
+        self.subscriber = Subscriber("ws")
+        self.cursors: dict[str, Cursor] = {}
+        self.replies: deque[str] = deque()
+
+    async def run(self) -> None:
+        """Serve the socket until the client leaves, the server closes, or a send times out."""
+        reader = asyncio.create_task(self.receive_forever())
+        sender = asyncio.create_task(self.send_forever())
+        try:
+            done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            sender.cancel()
+            await asyncio.gather(reader, sender, return_exceptions=True)
+            for cursor in self.cursors.values():
+                self.hub.unsubscribe(cursor)
+            self.cursors.clear()
+        for task in done:
+            task.result()
+
+    async def receive_forever(self) -> None:
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                self.reply(ClientError(ErrorCode.BAD_REQUEST, "send JSON text frames").reply())
+                continue
+            try:
+                self.handle(*parse_message(text))
+            except ClientError as error:
+                self.reply(error.reply())
+
+    def handle(self, kind: str, task_id: str, last_seq: int | None) -> None:
+        old = self.cursors.pop(task_id, None)
+        if old is not None:
+            self.hub.unsubscribe(old)
+        if kind == "unsubscribe":
+            return
+        if len(self.cursors) >= MAX_SUBSCRIPTIONS:
+            message = f"at most {MAX_SUBSCRIPTIONS} subscriptions per socket"
+            raise ClientError(ErrorCode.BAD_REQUEST, message, task_id)
+        cursor = self.hub.subscribe(task_id, self.subscriber, last_seq)
+        if cursor.done:
+            # The client holds the ended task's last state: confirm the end, nothing more.
+            self.hub.unsubscribe(cursor)
+            self.reply(Event("end", task_id, cursor.task.seq, end_data(cursor)).ws)
+        else:
+            self.cursors[task_id] = cursor
+
+    def reply(self, text: str) -> None:
+        if len(self.replies) >= MAX_PENDING_REPLIES:
+            self.replies.popleft()
+        self.replies.append(text)
+        self.subscriber.poke()
+
+    async def send_forever(self) -> None:
+        while True:
+            dirty = await self.subscriber.changed()
+            if self.subscriber.closing:
+                return
+            frames = list(self.replies)
+            self.replies.clear()
+            for cursor in dirty:
+                if self.cursors.get(cursor.task.task_id) is not cursor:
+                    continue
+                for event in cursor.pending():
+                    frames.append(event.ws)
+                if cursor.done:
+                    del self.cursors[cursor.task.task_id]
+                    self.hub.unsubscribe(cursor)
+            self.hub.pushed("ws", len(frames))
+            for frame in frames:
+                async with asyncio.timeout(self.send_timeout):
+                    await self.websocket.send_text(frame)
+
+
+def end_data(cursor: Cursor) -> dict[str, Any]:
+    state = cursor.task.state or {}
+    return {"status": state.get("status")}
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """`WS /v1/ws`"""
+    settings = websocket.app.state.settings
+    if not origin_allowed(websocket.headers, settings.allowed_origins):
+        # Closing before accept makes the server answer the upgrade with 403.
+        await websocket.close(code=1008)
+        return
+    await websocket.accept()
+    connection = Connection(websocket, websocket.app.state.hub, settings.send_timeout)
+    try:
+        await connection.run()
+    except WebSocketDisconnect:
+        return
+    except TimeoutError:
+        logger.info("dropping a WebSocket client that stopped reading")
+        await websocket.close(code=1008)
+        return
+    if connection.subscriber.closing:
+        await websocket.close(code=1012)  # service restart: come back soon
