@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--malformed-rate", default="0", help="share of calls answered with a non-JSON body"
     )
+    simulate.add_argument(
+        "--verify-signatures",
+        action="store_true",
+        help="refuse calls not signed with RELAY_ACCESS_KEY_ID / RELAY_ACCESS_KEY_SECRET",
+    )
     simulate.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
     return parser
 
@@ -68,6 +73,8 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO: one line per poll is noise, not news.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def serve(settings: Settings, log_level: str) -> None:
@@ -113,7 +120,20 @@ def simulate(args: argparse.Namespace) -> None:
         timeout_rate=parsed("--timeout-rate", fraction),
         malformed_rate=parsed("--malformed-rate", fraction),
     )
-    simulator = Simulator(fail_rate=parsed("--fail-rate", fraction), faults=faults)
+    credentials = None
+    if args.verify_signatures:
+        key_id, secret = (
+            os.environ.get("RELAY_ACCESS_KEY_ID"),
+            os.environ.get("RELAY_ACCESS_KEY_SECRET"),
+        )
+        if not key_id or not secret:
+            raise ConfigError(
+                "--verify-signatures needs RELAY_ACCESS_KEY_ID and RELAY_ACCESS_KEY_SECRET"
+            )
+        credentials = {key_id: secret}
+    simulator = Simulator(
+        fail_rate=parsed("--fail-rate", fraction), faults=faults, credentials=credentials
+    )
     setup_logging(args.log_level)
     logger.info("comfy-relay simulator on http://%s:%d/", args.host, port)
     uvicorn.run(

@@ -24,12 +24,19 @@ def merge_patch(old: JSONObject, new: JSONObject) -> JSONObject:
             nested = merge_patch(before, value)
             if nested:
                 patch[key] = nested
-        elif before != value or type(before) is not type(value):
+        elif not same_json(before, value):
             patch[key] = value
     for key in old:
         if key not in new:
             patch[key] = None
     return patch
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: 1 and 1.0 are one number, but true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return bool(a == b)
 
 
 def apply_patch(target: Any, patch: Any) -> Any:

@@ -42,7 +42,11 @@ async def poll_task(task: TaskHub, upstream: UpstreamClient, policy: PollPolicy)
             task.fail(ErrorCode.TASK_NOT_FOUND, str(exc))
             return
         except Unauthorized as exc:
-            logger.error("task %s: %s; check the AccessKey pair and the clock", task.task_id, exc)
+            logger.error("task %s: %s; check the AccessKey pair", task.task_id, exc)
+            if "timestamp" in str(exc).lower():
+                logger.warning(
+                    "the upstream says our timestamp is off: is this host's clock right?"
+                )
             task.fail(ErrorCode.UNAUTHORIZED, "the upstream refused the relay's credentials")
             return
         except UpstreamUnavailable as exc:

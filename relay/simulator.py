@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .signing import NonceCache, error_status, verify_request
 from .upstream import NOT_FOUND_CODE
 
 # (node label, steps): a text-to-image workflow with an upscale pass.
@@ -144,6 +145,12 @@ class Faults:
         return None
 
 
+def not_found(task_id: str | None) -> Response:
+    return JSONResponse(
+        envelope(None, sub_err=NOT_FOUND_CODE, message=f"Cannot find task:{task_id}")
+    )
+
+
 def envelope(
     data: Any, *, sub_err: str | None = None, message: str | None = None
 ) -> dict[str, Any]:
@@ -159,8 +166,18 @@ def envelope(
 
 
 class Simulator:
-    def __init__(self, *, fail_rate: float = 0.1, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        fail_rate: float = 0.1,
+        faults: Faults | None = None,
+        credentials: dict[str, str] | None = None,
+    ) -> None:
+        """`credentials` maps AccessKey IDs to secrets: given, every call must be signed."""
         self.fail_rate = fail_rate
+        self.credentials = credentials
+        self.nonces = NonceCache()
+        self.refused: Counter[str] = Counter()
         self.faults = faults or Faults()
         self.tasks: dict[str, SimTask] = {}
         self.calls: Counter[str] = Counter()
@@ -210,9 +227,7 @@ class Simulator:
                 return await self._misbehave(fault)
             task = self.tasks.get(task_id or "")
             if task is None:
-                return JSONResponse(
-                    envelope(None, sub_err=NOT_FOUND_CODE, message=f"Cannot find task:{task_id}")
-                )
+                return not_found(task_id)
             state = task.state(time.monotonic())
             self.states[state["status"]] += 1
             return JSONResponse(envelope(state))
@@ -226,18 +241,31 @@ class Simulator:
                 return await self._misbehave(fault)
             task = self.tasks.get(task_id or "")
             if task is None:
-                return JSONResponse(
-                    envelope(None, sub_err=NOT_FOUND_CODE, message=f"Cannot find task:{task_id}")
-                )
+                return not_found(task_id)
             images = [f"/sim/images/{task.task_id}.svg"]
             return JSONResponse(envelope({"images": images, "result": {"seed": hash(task_id)}}))
         finally:
             self.in_flight -= 1
 
     async def _begin_call(self, request: Request) -> tuple[str | None, str | None]:
+        """Count the call and decide its fate: a fault, a refused signature, or an answer."""
         self.in_flight += 1
+        raw = await request.body()
+        if self.credentials is not None:
+            error = verify_request(
+                "POST",
+                request.url.path,
+                request.headers,
+                raw,
+                self.credentials,
+                time.time(),
+                self.nonces,
+            )
+            if error is not None:
+                self.refused[error.split(",")[0]] += 1
+                return "", "refused:" + error
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
             task_id = body.get("taskId") if isinstance(body, dict) else None
         except ValueError:
             task_id = None
@@ -248,6 +276,11 @@ class Simulator:
         return task_key, self.faults.draw()
 
     async def _misbehave(self, fault: str) -> Response:
+        if fault.startswith("refused:"):
+            # The gateway's way: an HTTP error whose reason is in X-Ca-Error-Message.
+            message = fault.removeprefix("refused:")
+            headers = {"X-Ca-Error-Message": message.replace("\n", "#")}
+            return Response(status_code=error_status(message), headers=headers)
         if fault == "throttle":
             headers = {"Retry-After": f"{self.faults.retry_after:g}"}
             return JSONResponse({"message": "Too Many Requests"}, status_code=429, headers=headers)
@@ -283,6 +316,7 @@ class Simulator:
                 "total": sum(self.calls.values()),
                 "byStatus": dict(self.states),
                 "inFlight": self.in_flight,
+                "refused": dict(self.refused),
             }
         )
 

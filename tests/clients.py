@@ -76,8 +76,11 @@ async def watch_sse(
     return watcher
 
 
-async def watch_ws(ws_base: str, task_id: str, last_seq: int | None = None) -> Watcher:
-    watcher = Watcher()
+async def watch_ws(
+    ws_base: str, task_id: str, last_seq: int | None = None, state: dict[str, Any] | None = None
+) -> Watcher:
+    """Subscribe over a WebSocket and follow the task to its end (resuming from `state`)."""
+    watcher = Watcher(state=state, seq=last_seq)
     async with websockets.connect(f"{ws_base}/v1/ws") as socket:
         message: dict[str, Any] = {"type": "subscribe", "taskId": task_id}
         if last_seq is not None:

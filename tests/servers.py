@@ -85,7 +85,9 @@ class ThreadServer:
 class ProcessServer:
     """`python -m relay ...` as a child process, for restarts, kills, signals and logs."""
 
-    def __init__(self, args: Sequence[str], port: int | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self, args: Sequence[str], port: int | None = None, env: dict[str, str] | None = None
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"

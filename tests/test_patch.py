@@ -5,9 +5,7 @@ from hypothesis import strategies as st
 
 from relay.patch import apply_patch, drop_nulls, merge_patch
 
-scalars = st.one_of(
-    st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5)
-)
+scalars = st.one_of(st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5))
 json_values = st.recursive(
     scalars,
     lambda children: st.one_of(
@@ -47,9 +45,13 @@ def test_object_replaced_by_scalar_and_back() -> None:
     assert merge_patch({"a": 2}, {"a": {"b": 1}}) == {"a": {"b": 1}}
 
 
-def test_number_type_change_is_a_change() -> None:
-    assert merge_patch({"progress": 1}, {"progress": 1.0}) == {"progress": 1.0}
+def test_int_and_float_of_one_value_are_one_json_number() -> None:
+    assert merge_patch({"progress": 0}, {"progress": 0.0}) == {}
+
+
+def test_boolean_replacing_a_number_is_a_change() -> None:
     assert merge_patch({"flag": 1}, {"flag": True}) == {"flag": True}
+    assert merge_patch({"flag": False}, {"flag": 0}) == {"flag": 0}
 
 
 def test_arrays_are_replaced_whole() -> None:

@@ -1,0 +1,151 @@
+"""The JSON endpoints, metrics, static files, and the secret that must never leave the server."""
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import websockets
+
+from relay.simulator import Simulator
+
+from .clients import watch_sse, watch_ws
+from .conftest import SimulatedUpstream
+from .servers import ProcessServer, ThreadServer
+
+SECRET = "Sk-very-secret-0123456789abcdef"
+
+
+async def test_healthz(relay: ThreadServer, http: httpx.AsyncClient) -> None:
+    response = await http.get(f"{relay.url}/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+async def test_task_state_comes_from_the_running_loop(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    task_id = upstream.start_task()
+    watcher = await watch_sse(http, relay.url, task_id)
+    calls = upstream.calls(task_id)
+    response = await http.get(f"{relay.url}/v1/tasks/{task_id}")
+    assert response.status_code == 200
+    assert response.json() == watcher.state
+    assert response.headers["x-relay-seq"] == str(watcher.seq)
+    assert upstream.calls(task_id) == calls
+
+
+async def test_task_state_without_a_loop_is_one_call_for_many_requests(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    upstream.simulator.faults.latency = 0.3
+    task_id = upstream.start_task(queue=5)
+    responses = await asyncio.gather(
+        *[http.get(f"{relay.url}/v1/tasks/{task_id}") for _ in range(100)]
+    )
+    assert {r.status_code for r in responses} == {200}
+    assert all(r.json()["status"] == "waiting" for r in responses)
+    assert upstream.calls(task_id) == 1
+
+
+async def test_task_state_errors(relay: ThreadServer, http: httpx.AsyncClient) -> None:
+    missing = await http.get(f"{relay.url}/v1/tasks/unknown-task")
+    assert missing.status_code == 404 and missing.json()["code"] == "task_not_found"
+    invalid = await http.get(f"{relay.url}/v1/tasks/bad%20id")
+    assert invalid.status_code == 400 and invalid.json()["code"] == "invalid_task_id"
+
+
+async def test_metrics_count_loops_subscribers_calls_and_messages(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    task_id = upstream.start_task(queue=5)
+    url = f"{relay.url}/v1/tasks/{task_id}/events"
+    async with http.stream("GET", url) as response:
+        lines = response.aiter_lines()  # held, so the stream stays open while we look
+        while not (await anext(lines)).startswith("event: snapshot"):
+            pass
+        text = (await http.get(f"{relay.url}/metrics")).text
+    assert "relay_poll_loops 1.0" in text
+    assert 'relay_subscribers{transport="sse"} 1.0' in text, [
+        line for line in text.splitlines() if line.startswith("relay_subscribers")
+    ]
+    assert 'relay_upstream_calls_total{outcome="ok"}' in text
+    assert 'relay_messages_pushed_total{transport="sse"} 1.0' in text
+
+
+async def test_demo_page_and_client_are_served(
+    relay: ThreadServer, http: httpx.AsyncClient
+) -> None:
+    page = await http.get(f"{relay.url}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    client = await http.get(f"{relay.url}/static/relay-client.js")
+    assert client.status_code == 200 and "export" in client.text
+
+
+async def test_secret_never_leaves_the_server(http: httpx.AsyncClient) -> None:
+    simulator = Simulator(fail_rate=0, credentials={"AKID-test": SECRET})
+    upstream = ThreadServer(simulator.app).start()
+    env = {"RELAY_ACCESS_KEY_ID": "AKID-test", "RELAY_ACCESS_KEY_SECRET": SECRET}
+    relay = ProcessServer(
+        ["serve", "--upstream", upstream.url, "--poll-interval", "0.1", "--log-level", "debug"],
+        env=env,
+    ).start()
+    seen: list[str] = []
+    try:
+        task_id = simulator.start_task(queue=0.2, duration=1.0).task_id
+        sse = await watch_sse(http, relay.url, task_id)
+        ws = await watch_ws(relay.ws_url, task_id)
+        assert sse.ended == ws.ended == "succeeded"
+        assert simulator.refused == {}
+        for path in [
+            "/",
+            "/static/relay-client.js",
+            "/metrics",
+            "/healthz",
+            f"/v1/tasks/{task_id}",
+            "/v1/tasks/unknown",
+        ]:
+            response = await http.get(relay.url + path)
+            seen.append(str(response.headers) + response.text)
+        async with http.stream("GET", f"{relay.url}/v1/tasks/{task_id}/events") as response:
+            seen.append(str(response.headers) + (await response.aread()).decode())
+        seen.append(json.dumps(sse.events) + json.dumps(ws.events))
+    finally:
+        relay.stop()
+        upstream.stop()
+    seen.append(relay.log())
+    for text in seen:
+        assert SECRET not in text
+
+
+async def test_sigterm_closes_open_streams_and_exits_promptly(
+    upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = ProcessServer(["serve", "--upstream", upstream.url, "--poll-interval", "0.2"]).start()
+    task_id = upstream.start_task(queue=30, duration=30)
+    lines: list[str] = []
+
+    async def read_sse() -> None:
+        async with http.stream("GET", f"{relay.url}/v1/tasks/{task_id}/events") as response:
+            async for line in response.aiter_lines():
+                lines.append(line)
+
+    reader = asyncio.create_task(read_sse())
+    async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
+        await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        await socket.recv()
+        while not any(line.startswith("event: snapshot") for line in lines):
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        relay.signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(socket.recv(), 5)
+        except websockets.ConnectionClosed as closed:
+            assert closed.rcvd is not None and closed.rcvd.code == 1012
+        await asyncio.wait_for(reader, 5)
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert relay.wait(5) in (0, -signal.SIGTERM)
+    assert time.monotonic() - started < 5
+    assert "Application shutdown complete" in relay.log()
+    assert "Traceback" not in relay.log()
+    assert any(line.startswith("retry:") for line in lines), lines

@@ -1,0 +1,114 @@
+"""One poll loop per task, whatever the number of subscribers, stopped in time."""
+
+import asyncio
+
+import httpx
+
+from .clients import wait_for, watch_sse, watch_ws
+from .conftest import RelayFactory, SimulatedUpstream
+from .servers import ThreadServer
+
+
+async def test_fifty_sse_and_fifty_ws_subscribers_cost_one_loop(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = make_relay()
+    alone = upstream.start_task(queue=0.3, duration=2)
+    single = await watch_sse(http, relay.url, alone)
+
+    crowded = upstream.start_task(queue=0.3, duration=2)
+    watchers = await asyncio.gather(
+        *[watch_sse(http, relay.url, crowded) for _ in range(50)],
+        *[watch_ws(relay.ws_url, crowded) for _ in range(50)],
+    )
+    final = upstream.final_state(crowded)
+    assert all(w.state == final and w.ended == "succeeded" for w in watchers)
+    assert single.state == upstream.final_state(alone)
+    assert abs(upstream.calls(crowded) - upstream.calls(alone)) <= 1
+
+
+async def test_every_patch_holds_only_changed_fields(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    task_id = upstream.start_task()
+    watcher = await watch_sse(http, relay.url, task_id)
+    state = watcher.events[0][1]
+    for kind, data, _ in watcher.events[1:]:
+        if kind != "patch":
+            continue
+        assert data, "an empty patch was pushed"
+        for key, value in data.items():
+            assert state.get(key) != value, f"unchanged field {key} in {data}"
+            if isinstance(value, dict) and isinstance(state.get(key), dict):
+                for inner, inner_value in value.items():
+                    assert state[key].get(inner) != inner_value
+        from relay.patch import apply_patch
+
+        state = apply_patch(state, data)
+
+
+async def test_late_subscriber_joins_without_an_extra_upstream_call(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = make_relay(poll_interval=1.0)
+    task_id = upstream.start_task(queue=5, duration=5)
+    hub = relay.app.state.hub
+    first = asyncio.create_task(watch_sse(http, relay.url, task_id))
+    await wait_for(lambda: (t := hub.get(task_id)) is not None and t.state is not None)
+    calls = upstream.calls(task_id)
+    url = f"{relay.url}/v1/tasks/{task_id}/events"
+    async with http.stream("GET", url) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("event: snapshot"):
+                break
+    assert upstream.calls(task_id) == calls
+    first.cancel()
+
+
+async def test_loop_stops_at_a_terminal_state(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    task_id = upstream.start_task(fail=True)
+    watcher = await watch_sse(http, relay.url, task_id)
+    assert watcher.ended == "failed"
+    calls = upstream.calls(task_id)
+    await asyncio.sleep(0.5)
+    assert upstream.calls(task_id) == calls
+    assert relay.app.state.hub.loop_count == 0
+
+
+async def test_loop_stops_after_the_last_subscriber_leaves_and_the_linger(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = make_relay(linger=0.5)
+    hub = relay.app.state.hub
+    task_id = upstream.start_task(queue=10, duration=10)
+    url = f"{relay.url}/v1/tasks/{task_id}/events"
+    async with http.stream("GET", url) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("event: snapshot"):
+                break
+    await asyncio.sleep(0.3)
+    assert hub.loop_count == 1, "the loop must linger"
+    await wait_for(lambda: hub.loop_count == 0, timeout=3)
+    calls = upstream.calls(task_id)
+    await asyncio.sleep(0.4)
+    assert upstream.calls(task_id) == calls
+    assert hub.get(task_id) is None
+
+
+async def test_a_subscriber_within_the_linger_keeps_the_loop(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = make_relay(linger=1.0)
+    hub = relay.app.state.hub
+    task_id = upstream.start_task(queue=0.2, duration=2)
+    url = f"{relay.url}/v1/tasks/{task_id}/events"
+    async with http.stream("GET", url) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("event: snapshot"):
+                break
+    await asyncio.sleep(0.3)
+    watcher = await watch_sse(http, relay.url, task_id)
+    assert watcher.ended == "succeeded"
+    assert hub.loop_count == 0

@@ -1,0 +1,133 @@
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from .clients import wait_for, watch_ws
+from .conftest import RelayFactory, SimulatedUpstream
+from .servers import ThreadServer
+
+
+async def recv(socket: Any) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(socket.recv(), 10))  # type: ignore[no-any-return]
+
+
+async def test_subscription_reconstructs_the_final_state(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    task_id = upstream.start_task()
+    watcher = await watch_ws(relay.ws_url, task_id)
+    assert watcher.events[0][0] == "snapshot"
+    assert watcher.ended == "succeeded"
+    assert watcher.state == upstream.final_state(task_id)
+
+
+async def test_many_subscriptions_share_one_socket(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    tasks = [upstream.start_task(duration=1.0) for _ in range(3)]
+    ended: set[str] = set()
+    async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
+        for task_id in tasks:
+            await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        while len(ended) < len(tasks):
+            frame = await recv(socket)
+            assert frame["taskId"] in tasks
+            if frame["type"] == "end":
+                ended.add(frame["taskId"])
+    assert ended == set(tasks)
+
+
+async def test_garbage_frames_get_bad_request_and_the_socket_keeps_working(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    task_id = upstream.start_task()
+    garbage: list[str | bytes] = [
+        "not json",
+        "[1, 2]",
+        '{"type": "dance"}',
+        '{"type": "subscribe"}',
+        '{"type": "subscribe", "taskId": 12}',
+        json.dumps({"type": "subscribe", "taskId": task_id, "lastSeq": "x"}),
+        json.dumps({"type": "subscribe", "taskId": task_id, "lastSeq": -1}),
+        "[" * 5000 + "]" * 5000,
+        b"\x00\x01binary",
+    ]
+    async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
+        for frame in garbage:
+            await socket.send(frame)
+            reply = await recv(socket)
+            assert reply["type"] == "error", frame
+            assert reply["data"]["code"] in ("bad_request", "invalid_task_id"), reply
+            assert reply["data"]["retrying"] is False
+        await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        assert (await recv(socket))["type"] == "snapshot"
+
+
+async def test_error_names_the_task_the_message_named(relay: ThreadServer) -> None:
+    async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
+        await socket.send(json.dumps({"type": "subscribe", "taskId": "bad id"}))
+        reply = await recv(socket)
+        assert reply == {
+            "type": "error",
+            "taskId": "bad id",
+            "data": {
+                "code": "invalid_task_id",
+                "message": reply["data"]["message"],
+                "retrying": False,
+            },
+        }
+        await socket.send(json.dumps({"type": "jump", "taskId": "abc"}))
+        reply = await recv(socket)
+        assert reply["taskId"] == "abc" and reply["data"]["code"] == "bad_request"
+
+
+async def test_unknown_task_gets_task_not_found(relay: ThreadServer) -> None:
+    watcher = await watch_ws(relay.ws_url, "no-such-task")
+    assert [e["code"] for e in watcher.errors] == ["task_not_found"]
+
+
+async def test_unsubscribe_stops_updates_and_closing_drops_every_subscription(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    hub = relay.app.state.hub
+    tasks = [upstream.start_task(duration=5) for _ in range(3)]
+    async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
+        for task_id in tasks:
+            await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        await wait_for(lambda: hub.subscriber_count == 3)
+        await socket.send(json.dumps({"type": "unsubscribe", "taskId": tasks[0]}))
+        await wait_for(lambda: hub.subscriber_count == 2)
+    await wait_for(lambda: hub.subscriber_count == 0)
+
+
+async def test_resubscribe_with_last_seq_gets_a_patch(
+    make_relay: RelayFactory, upstream: SimulatedUpstream
+) -> None:
+    relay = make_relay(linger=5.0)
+    task_id = upstream.start_task(queue=0.2, duration=3)
+    async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
+        await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        snapshot = await recv(socket)
+    await asyncio.sleep(0.5)
+    watcher = await watch_ws(relay.ws_url, task_id, snapshot["seq"], snapshot["data"])
+    assert watcher.events[0][0] == "patch"
+    assert watcher.state == upstream.final_state(task_id)
+
+
+async def test_cross_site_upgrade_is_refused(relay: ThreadServer) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with websockets.connect(
+            f"{relay.ws_url}/v1/ws",
+            origin="https://evil.example",  # type: ignore[arg-type]
+        ):
+            pass
+    assert refused.value.response.status_code == 403
+    async with websockets.connect(
+        f"{relay.ws_url}/v1/ws",
+        origin=relay.url,  # type: ignore[arg-type]
+    ) as socket:
+        await socket.send(json.dumps({"type": "unsubscribe", "taskId": "abc"}))
