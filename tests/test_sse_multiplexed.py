@@ -1,0 +1,142 @@
+"""`GET /v1/events`: one SSE stream for many tasks, and resuming it."""
+
+import asyncio
+
+import httpx
+
+from relay.sse import parse_stream_id
+
+from .clients import SSEEvent, Watcher, sse_events
+from .conftest import RelayFactory, SimulatedUpstream
+from .servers import ProcessServer, ThreadServer
+
+
+def stream_url(base: str, task_ids: list[str]) -> str:
+    return f"{base}/v1/events?" + "&".join(f"taskId={t}" for t in task_ids)
+
+
+def follow(watchers: dict[str, Watcher], event: SSEEvent) -> str:
+    task_id = event.data["taskId"]
+    seqs = parse_stream_id(event.id)
+    watchers.setdefault(task_id, Watcher()).apply(
+        event.event, event.data["data"], seqs.get(task_id)
+    )
+    return str(task_id)
+
+
+async def watch_all(
+    http: httpx.AsyncClient, base: str, task_ids: list[str], last_id: str | None = None
+) -> tuple[dict[str, Watcher], str | None]:
+    watchers: dict[str, Watcher] = {}
+    headers = {"Last-Event-ID": last_id} if last_id else None
+    last = last_id
+    async for event in sse_events(http, stream_url(base, task_ids), headers):
+        follow(watchers, event)
+        last = event.id or last
+    return watchers, last
+
+
+async def test_one_stream_carries_twenty_tasks_to_their_end(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    tasks = [upstream.start_task(queue=0.2, duration=1.5) for _ in range(20)]
+    watchers, last_id = await watch_all(http, relay.url, tasks)
+    for task_id in tasks:
+        assert watchers[task_id].ended == "succeeded"
+        assert watchers[task_id].state == upstream.final_state(task_id)
+        # One loop per task: at most one call per poll interval of the task's life, plus slack.
+        assert upstream.calls(task_id) <= (0.2 + 1.5) / 0.1 + 4
+    assert last_id is not None and set(parse_stream_id(last_id)) == set(tasks)
+    assert relay.app.state.hub.loop_count == 0
+
+
+async def test_resume_sends_one_patch_per_moved_task_and_nothing_for_the_others(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = make_relay(linger=5.0)
+    still = [upstream.start_task(queue=300, duration=5) for _ in range(2)]
+    moving = [upstream.start_task(queue=0, duration=10) for _ in range(2)]
+    tasks = still + moving
+    watchers: dict[str, Watcher] = {}
+    last_id = None
+    async for event in sse_events(http, stream_url(relay.url, tasks)):
+        follow(watchers, event)
+        last_id = event.id
+        if len(watchers) == len(tasks):
+            break
+    await asyncio.sleep(0.5)  # the moving tasks change several times meanwhile
+    assert last_id is not None
+    first_events: dict[str, str] = {}
+    async with asyncio.timeout(5):
+        async for event in sse_events(
+            http, stream_url(relay.url, tasks), {"Last-Event-ID": last_id}
+        ):
+            task_id = follow(watchers, event)
+            first_events.setdefault(task_id, event.event)
+            if set(first_events) >= set(moving):
+                break
+    assert first_events == {task_id: "patch" for task_id in moving}
+
+
+async def test_bad_id_gets_its_own_error_and_the_others_go_on(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    good = upstream.start_task()
+    watchers, _ = await watch_all(http, relay.url, [good, "bad.id", "unknown-task"])
+    assert [e["code"] for e in watchers["bad.id"].errors] == ["invalid_task_id"]
+    assert [e["code"] for e in watchers["unknown-task"].errors] == ["task_not_found"]
+    assert watchers[good].ended == "succeeded"
+
+
+async def test_too_many_ids_is_refused(make_relay: RelayFactory, http: httpx.AsyncClient) -> None:
+    relay = make_relay(max_stream_tasks=3)
+    response = await http.get(stream_url(relay.url, ["a", "b", "c", "d"]))
+    assert response.status_code == 400 and response.json()["code"] == "too_many_tasks"
+    no_ids = await http.get(f"{relay.url}/v1/events")
+    assert no_ids.status_code == 400
+
+
+async def test_duplicate_ids_count_once(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = make_relay(max_stream_tasks=2)
+    a, b = upstream.start_task(), upstream.start_task()
+    watchers, last_id = await watch_all(http, relay.url, [a, b, a, b, a])
+    assert set(watchers) == {a, b}
+    assert [kind for kind, _, _ in watchers[a].events].count("snapshot") == 1
+
+
+async def test_reconnect_after_every_task_ended_gets_204(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    tasks = [upstream.start_task() for _ in range(3)]
+    _, last_id = await watch_all(http, relay.url, tasks)
+    assert last_id is not None
+    response = await http.get(stream_url(relay.url, tasks), headers={"Last-Event-ID": last_id})
+    assert response.status_code == 204
+
+
+async def test_resume_after_a_relay_restart_gets_a_snapshot(
+    upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    args = ["serve", "--upstream", upstream.url, "--poll-interval", "0.1"]
+    relay = ProcessServer(args).start()
+    task_id = upstream.start_task(queue=0.2, duration=3)
+    watcher = Watcher()
+    async for event in sse_events(http, f"{relay.url}/v1/tasks/{task_id}/events"):
+        watcher.apply(event.event, event.data, int(event.id or 0))
+        if event.event == "patch":
+            break
+    relay.kill()
+    relay = ProcessServer(args, port=relay.port).start()
+    try:
+        resumed = Watcher(state=watcher.state, seq=watcher.seq)
+        headers = {"Last-Event-ID": str(watcher.seq)}
+        async for event in sse_events(http, f"{relay.url}/v1/tasks/{task_id}/events", headers):
+            resumed.apply(event.event, event.data, int(event.id or 0))
+        assert resumed.events[0][0] == "snapshot"
+        assert watcher.seq is not None and resumed.events[0][2] > watcher.seq  # never repeats
+        assert resumed.state == upstream.final_state(task_id)
+        assert resumed.ended == "succeeded"
+    finally:
+        relay.stop()
