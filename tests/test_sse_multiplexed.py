@@ -101,7 +101,7 @@ async def test_duplicate_ids_count_once(
 ) -> None:
     relay = make_relay(max_stream_tasks=2)
     a, b = upstream.start_task(), upstream.start_task()
-    watchers, last_id = await watch_all(http, relay.url, [a, b, a, b, a])
+    watchers, _ = await watch_all(http, relay.url, [a, b, a, b, a])
     assert set(watchers) == {a, b}
     assert [kind for kind, _, _ in watchers[a].events].count("snapshot") == 1
 
