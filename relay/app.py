@@ -18,6 +18,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from .budget import RateBudget
 from .config import Settings
 from .hub import Hub, TaskHub
 from .metrics import Metrics
@@ -108,11 +109,16 @@ def create_app(settings: Settings) -> Starlette:
             signer,
             settings.upstream_concurrency,
             on_call=metrics.upstream_call,
+            budget=RateBudget(settings.upstream_rate),
         )
+        metrics.watch_budget(upstream.budget)
         policy = PollPolicy(
             interval=settings.poll_interval,
+            waiting_max=settings.waiting_interval_max,
             backoff_base=min(0.5, settings.poll_interval),
             backoff_max=settings.backoff_max,
+            fetch_result=settings.fetch_result,
+            request_timeout=settings.request_timeout,
         )
 
         async def poll(task: TaskHub) -> None:

@@ -91,6 +91,15 @@ def text(raw: str) -> str:
     return raw.strip()
 
 
+def boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be 1 or 0 (true or false), got {raw!r}")
+
+
 def signing_scheme(raw: str) -> str:
     if raw not in ("apigw", "none"):
         raise ValueError(f"must be 'apigw' or 'none', got {raw!r}")
@@ -218,6 +227,9 @@ class Settings:
     request_timeout: float = 10.0
     backoff_max: float = 30.0
     upstream_concurrency: int = 32
+    upstream_rate: float | None = None
+    waiting_interval_max: float = 5.0
+    fetch_result: bool = True
     ended_ttl: float = 60.0
     max_stream_tasks: int = 32
     ping_interval: float = 15.0

@@ -7,6 +7,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .budget import RateBudget
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -38,11 +40,25 @@ class Metrics:
             ["transport"],
             registry=self.registry,
         )
+        self.budget_waiting = Gauge(
+            "relay_upstream_budget_waiting",
+            "Poll loops waiting for their turn in the upstream rate budget",
+            registry=self.registry,
+        )
+        self.budget_paused = Gauge(
+            "relay_upstream_paused_seconds",
+            "Seconds left of a relay-wide pause asked for by an upstream 429",
+            registry=self.registry,
+        )
         for transport in ("sse", "ws"):
             self.subscribers.labels(transport)
             self.messages.labels(transport)
         for outcome in ("ok", "not_found", "unauthorized", "error"):
             self.upstream_calls.labels(outcome)
+
+    def watch_budget(self, budget: RateBudget) -> None:
+        self.budget_waiting.set_function(lambda: budget.waiting)
+        self.budget_paused.set_function(lambda: budget.paused_for)
 
     def upstream_call(self, outcome: str, seconds: float) -> None:
         self.upstream_calls.labels(outcome).inc()

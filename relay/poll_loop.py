@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from .hub import TaskHub
 from .protocol import ErrorCode
@@ -15,9 +17,28 @@ logger = logging.getLogger("relay.poll")
 
 @dataclass(frozen=True)
 class PollPolicy:
+    """How often to poll a task, and how to back off when the upstream fails.
+
+    A running task is polled every `interval`; a waiting one every `interval` times
+    (1 + its queue position), at most `waiting_max`. Every interval gets ±`jitter`
+    so tasks started together do not poll in lockstep.
+    """
+
     interval: float = 1.0
+    waiting_max: float = 5.0
+    jitter: float = 0.1
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    fetch_result: bool = True
+    request_timeout: float = 10.0
+
+    def next_interval(self, state: dict[str, Any]) -> float:
+        delay = self.interval
+        if state.get("status") == "waiting":
+            queue = state.get("lastQueueRemaining")
+            ahead = queue if isinstance(queue, int) and not isinstance(queue, bool) else 1
+            delay = min(self.interval * (1 + max(ahead, 0)), max(self.waiting_max, self.interval))
+        return delay * random.uniform(1 - self.jitter, 1 + self.jitter)
 
     def backoff(self, failures: int, retry_after: float | None = None) -> float:
         """Capped exponential backoff with jitter; never shorter than the upstream asked."""
@@ -56,8 +77,29 @@ async def poll_task(task: TaskHub, upstream: UpstreamClient, policy: PollPolicy)
             task.report_unavailable(f"{exc}; retrying")
         else:
             failures = 0
+            if state["status"] == "succeeded" and policy.fetch_result:
+                state = await with_result(upstream, task.task_id, state, policy.request_timeout)
             task.publish(state)
             if task.ended:
                 return
-            delay = policy.interval
+            delay = policy.next_interval(state)
         await task.sleep(delay)
+
+
+async def with_result(
+    upstream: UpstreamClient, task_id: str, state: dict[str, Any], time_limit: float
+) -> dict[str, Any]:
+    """The final state with `comfy_get_result`'s answer under `result`.
+
+    Two tries within `time_limit` seconds in all; after that the end goes out without it.
+    """
+    deadline = time.monotonic() + time_limit
+    for attempt in (1, 2):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            return {**state, "result": await upstream.result(task_id, request_timeout=left)}
+        except (UpstreamUnavailable, TaskNotFound, Unauthorized) as exc:
+            logger.warning("task %s: result fetch %d failed: %s", task_id, attempt, exc)
+    return state

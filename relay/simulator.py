@@ -14,6 +14,7 @@ serves a finished task's picture.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import random
@@ -105,6 +106,11 @@ class SimTask:
             "state": {"step": step, "maxSteps": max_steps, "nodeLabel": label},
         }
 
+    def result(self) -> dict[str, Any]:
+        """What `comfy_get_result` answers: image URLs and the workflow's output."""
+        seed = int(hashlib.sha256(self.task_id.encode()).hexdigest()[:8], 16)
+        return {"images": [f"/sim/images/{self.task_id}.svg"], "result": {"seed": seed}}
+
 
 def node_at(fraction: float) -> tuple[str, int, int, float]:
     """The node running at a fraction of the run: label, step (1-based), its steps, progress."""
@@ -132,7 +138,8 @@ class Faults:
 
     def draw(self) -> str | None:
         if self.script:
-            return self.script.popleft()
+            kind = self.script.popleft()
+            return None if kind == "ok" else kind
         roll = random.random()
         for kind, rate in zip(
             FAULT_KINDS,
@@ -242,8 +249,7 @@ class Simulator:
             task = self.tasks.get(task_id or "")
             if task is None:
                 return not_found(task_id)
-            images = [f"/sim/images/{task.task_id}.svg"]
-            return JSONResponse(envelope({"images": images, "result": {"seed": hash(task_id)}}))
+            return JSONResponse(envelope(task.result()))
         finally:
             self.in_flight -= 1
 
@@ -332,9 +338,9 @@ class Simulator:
                 if not isinstance(value, int | float) or value < 0:
                     raise ValueError(f"{name} must be a number >= 0")
             if script is not None and (
-                not isinstance(script, list) or any(s not in FAULT_KINDS for s in script)
+                not isinstance(script, list) or any(s not in (*FAULT_KINDS, "ok") for s in script)
             ):
-                raise ValueError(f"script must be a list of {', '.join(FAULT_KINDS)}")
+                raise ValueError(f"script must be a list of ok, {', '.join(FAULT_KINDS)}")
         except ValueError as exc:
             return JSONResponse({"code": "bad_request", "message": str(exc)}, status_code=400)
         for name, value in options.items():

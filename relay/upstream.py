@@ -6,12 +6,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from .budget import RateBudget
 from .patch import drop_nulls
 from .protocol import dumps
 from .signing import Signer
@@ -81,6 +83,7 @@ class UpstreamClient:
         signer: Signer,
         concurrency: int,
         on_call: Callable[[str, float], None] | None = None,
+        budget: RateBudget | None = None,
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
@@ -88,6 +91,7 @@ class UpstreamClient:
         self._signer = signer
         self._slots = asyncio.Semaphore(concurrency)
         self._on_call = on_call
+        self.budget = budget or RateBudget(None)
 
     async def progress(self, task_id: str) -> dict[str, Any]:
         """The task's state: the envelope's `data` without nulls, with a known `status`."""
@@ -96,19 +100,22 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"unexpected task status {data.get('status')!r}")
         return data
 
-    async def result(self, task_id: str) -> dict[str, Any]:
+    async def result(self, task_id: str, request_timeout: float | None = None) -> dict[str, Any]:
         """The finished task's result (`images`, `result`)."""
-        return await self._call(RESULT_PATH, task_id)
+        return await self._call(RESULT_PATH, task_id, request_timeout)
 
-    async def _call(self, path: str, task_id: str) -> dict[str, Any]:
+    async def _call(
+        self, path: str, task_id: str, request_timeout: float | None = None
+    ) -> dict[str, Any]:
         body = dumps({"taskId": task_id}).encode()
+        await self.budget.acquire()
         started = time.perf_counter()
         outcome = "error"
         try:
             async with self._slots:
                 # Signed inside the slot, so the timestamp is fresh when the call goes out.
                 headers = self._signer.sign("POST", self._base_path + path, body)
-                envelope = await self._post(self._base_url + path, body, headers)
+                envelope = await self._post(self._base_url + path, body, headers, request_timeout)
             data = read_envelope(envelope, task_id)
             outcome = "ok"
             return data
@@ -122,9 +129,18 @@ class UpstreamClient:
             if self._on_call is not None:
                 self._on_call(outcome, time.perf_counter() - started)
 
-    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Any:
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str], request_timeout: float | None
+    ) -> Any:
+        request = self._http.build_request(
+            "POST",
+            url,
+            content=body,
+            headers=headers,
+            timeout=httpx.USE_CLIENT_DEFAULT if request_timeout is None else request_timeout,
+        )
         try:
-            async with self._http.stream("POST", url, content=body, headers=headers) as response:
+            async with await_response(self._http, request) as response:
                 raw = await read_limited(response)
         except httpx.TimeoutException:
             raise UpstreamUnavailable("upstream timed out") from None
@@ -133,6 +149,8 @@ class UpstreamClient:
         status = response.status_code
         if status == 429 or status >= 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if status == 429:
+                self.budget.pause(retry_after if retry_after is not None else 1.0)
             raise UpstreamUnavailable(f"upstream answered HTTP {status}", retry_after)
         gateway_error = response.headers.get("x-ca-error-message")
         if status in (401, 403) or (400 <= status < 500 and gateway_error):
@@ -143,6 +161,17 @@ class UpstreamClient:
             return json.loads(raw)
         except ValueError:
             raise UpstreamUnavailable("upstream body is not JSON") from None
+
+
+@asynccontextmanager
+async def await_response(
+    http: httpx.AsyncClient, request: httpx.Request
+) -> AsyncIterator[httpx.Response]:
+    response = await http.send(request, stream=True)
+    try:
+        yield response
+    finally:
+        await response.aclose()
 
 
 async def read_limited(response: httpx.Response) -> bytes:

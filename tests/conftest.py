@@ -37,9 +37,13 @@ class SimulatedUpstream:
     def calls(self, task_id: str) -> int:
         return self.simulator.calls[task_id]
 
-    def final_state(self, task_id: str) -> dict[str, Any]:
+    def final_state(self, task_id: str, with_result: bool = True) -> dict[str, Any]:
+        """The task's last state as the relay should deliver it (with the result, by default)."""
         task = self.simulator.tasks[task_id]
-        return task.state(task.created + task.queue_seconds + task.run_seconds + 1)
+        state = task.state(task.created + task.queue_seconds + task.run_seconds + 1)
+        if with_result and state["status"] == "succeeded":
+            state["result"] = task.result()
+        return state
 
 
 @pytest.fixture
