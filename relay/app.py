@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from .budget import RateBudget
 from .config import Settings
 from .hub import Hub, TaskHub
+from .limits import ConnectionLimit
 from .metrics import Metrics
 from .poll_loop import PollPolicy, poll_task
 from .protocol import ErrorCode, error_response, invalid_task_id_message, is_valid_task_id
@@ -154,6 +155,7 @@ def create_app(settings: Settings) -> Starlette:
         routes += simulator.control_routes()
     middleware = []
     if settings.allowed_origins:
+        # Outermost, so that even a refusal carries the CORS headers a page needs to read it.
         middleware.append(
             Middleware(
                 CORSMiddleware,
@@ -163,6 +165,7 @@ def create_app(settings: Settings) -> Starlette:
                 max_age=600,
             )
         )
+    middleware.append(Middleware(ConnectionLimit, limit=settings.max_connections))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics

@@ -230,6 +230,7 @@ class Settings:
     upstream_rate: float | None = None
     waiting_interval_max: float = 5.0
     fetch_result: bool = True
+    max_connections: int = 10_000
     ended_ttl: float = 60.0
     max_stream_tasks: int = 32
     ping_interval: float = 15.0

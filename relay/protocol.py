@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     BAD_REQUEST = "bad_request"
     TOO_MANY_TASKS = "too_many_tasks"
+    OVERLOADED = "overloaded"
 
 
 def is_valid_task_id(value: object) -> bool:
