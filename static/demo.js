@@ -1,0 +1,414 @@
+// The demo page: start simulated tasks, watch task IDs, one card per task.
+//
+// URL parameters (handy for demos and tests):
+//   transport=sse|ws   transport for new tasks
+//   duration=S queue=S fail=true|false   simulation options
+//   watch=ID[,ID...]   watch these task IDs on load
+//   start=N            start N simulated tasks on load
+//
+// For tests: window.relayStates[taskId] holds the client's current state,
+// window.relayConnectionLog the connection states seen, in order.
+
+import { subscribe, onConnection, isValidTaskId } from "./relay-client.js";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+
+const els = {
+  connection: $("#connection"),
+  connLabel: $("#connection .conn-label"),
+  connDetail: $("#connection .conn-detail"),
+  startButtons: [...document.querySelectorAll("[data-start]")],
+  watchForm: $("#watch-form"),
+  watchInput: $("#watch-id"),
+  watchHint: $("#watch-hint"),
+  simQueue: $("#sim-queue"),
+  simDuration: $("#sim-duration"),
+  simFail: $("#sim-fail"),
+  notice: $("#notice"),
+  summary: $("#summary"),
+  clearFinished: $("#clear-finished"),
+  empty: $("#empty"),
+  tasks: $("#tasks"),
+  announcer: $("#announcer"),
+  template: $("#card-template"),
+};
+
+const STATUS_TEXT = {
+  connecting: "Connecting",
+  waiting: "Waiting",
+  running: "Running",
+  succeeded: "Succeeded",
+  failed: "Failed",
+  error: "Error",
+};
+const CONNECTION_TEXT = {
+  idle: "Idle",
+  connecting: "Connecting…",
+  open: "Live",
+  reconnecting: "Reconnecting…",
+  down: "Connection lost",
+};
+const PART_TEXT = {
+  idle: "idle",
+  connecting: "connecting",
+  open: "live",
+  reconnecting: "reconnecting",
+  down: "down",
+};
+const WATCH_HINT = els.watchHint.innerHTML;
+
+/** taskId -> card record */
+const cards = new Map();
+window.relayStates = {};
+window.relayConnectionLog = [];
+
+// ---------------------------------------------------------------------------
+// Connection indicator
+
+onConnection((state, detail) => {
+  window.relayConnectionLog.push(state);
+  els.connection.dataset.state = state;
+  els.connLabel.textContent = CONNECTION_TEXT[state] ?? state;
+  const parts = [];
+  if (detail.sse !== "idle") parts.push(`SSE ${PART_TEXT[detail.sse] ?? detail.sse}`);
+  if (detail.ws !== "idle") parts.push(`WebSocket ${PART_TEXT[detail.ws] ?? detail.ws}`);
+  els.connDetail.textContent = parts.length ? parts.join(" · ") : "No subscriptions";
+});
+
+// ---------------------------------------------------------------------------
+// Formatting
+
+function formatDuration(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} min ${String(s % 60).padStart(2, "0")} s`;
+  return `${Math.floor(m / 60)} h ${String(m % 60).padStart(2, "0")} min`;
+}
+
+function shortId(taskId) {
+  return taskId.length > 18 ? `${taskId.slice(0, 8)}…${taskId.slice(-6)}` : taskId;
+}
+
+function isNumber(value) {
+  return typeof value === "number" && Number.isFinite(value);
+}
+
+// ---------------------------------------------------------------------------
+// Cards
+
+function createCard(taskId, transport) {
+  const el = els.template.content.firstElementChild.cloneNode(true);
+  const titleId = `task-title-${taskId}`;
+  el.dataset.taskId = taskId;
+  el.dataset.transport = transport;
+  el.dataset.status = "connecting";
+  const title = $(".task-id", el);
+  title.id = titleId;
+  title.textContent = shortId(taskId);
+  title.title = taskId;
+  $(".transport-badge", el).textContent = transport === "ws" ? "WebSocket" : "SSE";
+  const bar = $(".bar", el);
+  bar.setAttribute("aria-labelledby", titleId);
+  bar.setAttribute("aria-valuetext", "Connecting");
+  const remove = $(".remove-btn", el);
+  remove.setAttribute("aria-label", `Stop watching task ${taskId}`);
+  remove.title = "Stop watching and remove";
+  remove.addEventListener("click", () => removeCard(taskId));
+  return {
+    taskId,
+    transport,
+    el,
+    status: "connecting",
+    finished: false,
+    unsubscribe: () => {},
+    parts: {
+      statusText: $(".status-text", el),
+      node: $(".node-label", el),
+      bar,
+      fill: $(".bar-fill", el),
+      percent: $(".percent", el),
+      step: $(".step", el),
+      queue: $(".queue", el),
+      eta: $(".eta", el),
+      message: $(".message", el),
+      warning: $(".warning", el),
+      images: $(".images", el),
+    },
+  };
+}
+
+function show(el, text) {
+  el.hidden = !text;
+  el.textContent = text || "";
+}
+
+function setStatus(card, status) {
+  card.status = status;
+  card.el.dataset.status = status;
+  card.parts.statusText.textContent = STATUS_TEXT[status] ?? status;
+}
+
+function renderState(card, state) {
+  const { parts } = card;
+  const status = typeof state.status === "string" ? state.status : "waiting";
+  setStatus(card, status);
+  show(parts.warning, "");
+
+  const progress = isNumber(state.progress) ? Math.min(1, Math.max(0, state.progress)) : 0;
+  const percent = status === "succeeded" ? 100 : Math.floor(progress * 100);
+  parts.fill.style.width = `${percent}%`;
+  parts.bar.setAttribute("aria-valuenow", String(percent));
+  parts.percent.textContent = `${percent}%`;
+
+  const detail = state.state && typeof state.state === "object" ? state.state : {};
+  const running = status === "running";
+  const waiting = status === "waiting";
+
+  let node;
+  if (waiting) node = "Waiting in the queue";
+  else if (status === "succeeded") node = "Done";
+  else if (status === "failed") node = detail.nodeLabel ? `Failed in ${detail.nodeLabel}` : "Failed";
+  else node = detail.nodeLabel || "Starting…";
+  parts.node.textContent = node;
+  parts.node.title = node;
+
+  const stepText = running && isNumber(detail.step) && isNumber(detail.maxSteps) && detail.maxSteps > 0
+    ? `Step ${detail.step} of ${detail.maxSteps}` : "";
+  const queueText = waiting && isNumber(state.lastQueueRemaining)
+    ? `Queue position ${state.lastQueueRemaining}` : "";
+  const etaText = running && isNumber(state.etaRelative) && state.etaRelative > 0
+    ? `ETA ${formatDuration(state.etaRelative)}` : "";
+  show(parts.step, stepText);
+  show(parts.queue, queueText);
+  show(parts.eta, etaText);
+  parts.message.textContent = typeof state.message === "string" ? state.message : "";
+
+  const valueText = [waiting ? "Waiting" : `${percent}%`, queueText, stepText, running ? node : "", etaText]
+    .filter(Boolean).join(", ");
+  parts.bar.setAttribute("aria-valuetext", status === "succeeded" ? "100%, succeeded" : status === "failed" ? `${percent}%, failed` : valueText);
+
+  renderImages(card, state.result);
+}
+
+function renderImages(card, result) {
+  const box = card.parts.images;
+  const images = Array.isArray(result?.images) ? result.images.filter((u) => typeof u === "string") : [];
+  const key = images.join("\n");
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  box.replaceChildren();
+  images.slice(0, 4).forEach((src, i) => {
+    let href;
+    try {
+      href = new URL(src, location.href);
+    } catch {
+      return;
+    }
+    if (!["http:", "https:", "data:", "blob:"].includes(href.protocol)) return;
+    const link = document.createElement("a");
+    link.href = href.href;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    const img = document.createElement("img");
+    img.src = href.href;
+    img.alt = `Generated image ${i + 1} of ${images.length}`;
+    img.loading = "lazy";
+    img.decoding = "async";
+    img.addEventListener("error", () => link.remove());
+    link.append(img);
+    box.append(link);
+  });
+  box.hidden = box.childElementCount === 0;
+}
+
+function finish(card, status) {
+  card.finished = true;
+  card.el.dataset.finished = "true";
+  announce(`Task ${shortId(card.taskId)} ${STATUS_TEXT[status]?.toLowerCase() ?? status}.`);
+  updateSummary();
+}
+
+function announce(text) {
+  els.announcer.textContent = text;
+}
+
+function removeCard(taskId) {
+  const card = cards.get(taskId);
+  if (!card) return;
+  card.unsubscribe();
+  cards.delete(taskId);
+  card.el.remove();
+  updateSummary();
+}
+
+function updateSummary() {
+  const counts = { waiting: 0, running: 0, succeeded: 0, failed: 0, error: 0, connecting: 0 };
+  for (const card of cards.values()) counts[card.status] = (counts[card.status] ?? 0) + 1;
+  const total = cards.size;
+  els.empty.hidden = total > 0;
+  const finished = [...cards.values()].filter((c) => c.finished).length;
+  els.clearFinished.disabled = finished === 0;
+  if (!total) {
+    els.summary.textContent = "";
+    return;
+  }
+  const parts = [`${total} ${total === 1 ? "task" : "tasks"}`];
+  for (const key of ["waiting", "running", "succeeded", "failed", "error"]) {
+    if (counts[key]) parts.push(`${counts[key]} ${STATUS_TEXT[key].toLowerCase()}`);
+  }
+  els.summary.textContent = parts.join(" · ");
+}
+
+// ---------------------------------------------------------------------------
+// Watching and starting tasks
+
+function currentTransport() {
+  return document.querySelector('input[name="transport"]:checked')?.value === "ws" ? "ws" : "sse";
+}
+
+/** Watch a task; returns false when the ID is invalid. */
+function watch(taskId, transport = currentTransport(), { focus = false } = {}) {
+  if (!isValidTaskId(taskId)) return false;
+  const existing = cards.get(taskId);
+  if (existing) {
+    existing.el.classList.remove("flash");
+    void existing.el.offsetWidth;
+    existing.el.classList.add("flash");
+    return true;
+  }
+  const card = createCard(taskId, transport);
+  cards.set(taskId, card);
+  els.tasks.prepend(card.el);
+  card.unsubscribe = subscribe(taskId, {
+    transport,
+    onState(state) {
+      window.relayStates[taskId] = state;
+      renderState(card, state);
+      updateSummary();
+    },
+    onEnd({ status, state }) {
+      if (state) renderState(card, state);
+      setStatus(card, status ?? card.status);
+      finish(card, status);
+    },
+    onError(err) {
+      if (err.retrying) {
+        show(card.parts.warning, `${err.message || err.code} — retrying…`);
+        return;
+      }
+      const notFound = err.code === "task_not_found";
+      setStatus(card, "error");
+      card.el.dataset.errorCode = err.code ?? "error";
+      card.parts.statusText.textContent = notFound ? "Not found" : "Error";
+      card.parts.node.textContent = notFound ? "Unknown task" : (err.code ?? "Error");
+      card.parts.message.textContent = err.message ?? "";
+      card.parts.bar.setAttribute("aria-valuetext", notFound ? "Error: unknown task" : "Error");
+      finish(card, "error");
+    },
+  });
+  updateSummary();
+  if (focus) card.el.querySelector(".task-id").scrollIntoView({ block: "nearest" });
+  return true;
+}
+
+function simOptions() {
+  const body = {};
+  const queue = parseFloat(els.simQueue.value);
+  const duration = parseFloat(els.simDuration.value);
+  if (Number.isFinite(queue) && queue >= 0) body.queue = queue;
+  if (Number.isFinite(duration) && duration > 0) body.duration = duration;
+  if (els.simFail.value === "true") body.fail = true;
+  if (els.simFail.value === "false") body.fail = false;
+  return body;
+}
+
+function showNotice(text) {
+  els.notice.hidden = !text;
+  els.notice.textContent = text || "";
+}
+
+async function createSimTask(body) {
+  const response = await fetch("sim/tasks", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  if (!response.ok) {
+    throw new Error(response.status === 404 || response.status === 405
+      ? "This relay has no embedded simulator (it runs only when no upstream is configured)."
+      : `The simulator answered HTTP ${response.status}.`);
+  }
+  const { taskId } = await response.json();
+  return taskId;
+}
+
+async function startTasks(count) {
+  const body = simOptions();
+  const transport = currentTransport();
+  els.startButtons.forEach((b) => (b.disabled = true));
+  showNotice("");
+  try {
+    const results = await Promise.allSettled(Array.from({ length: count }, () => createSimTask(body)));
+    // Subscribe to the whole batch at once: SSE then opens one multiplexed stream.
+    const ids = results.filter((r) => r.status === "fulfilled").map((r) => r.value);
+    for (const id of ids.reverse()) watch(id, transport);
+    const failed = results.find((r) => r.status === "rejected");
+    if (failed) showNotice(`Could not start ${results.length - ids.length} of ${count} tasks: ${failed.reason.message}`);
+  } finally {
+    els.startButtons.forEach((b) => (b.disabled = false));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Wiring
+
+els.startButtons.forEach((button) => {
+  button.addEventListener("click", () => startTasks(Number(button.dataset.start)));
+});
+
+els.watchForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const taskId = els.watchInput.value.trim();
+  if (!isValidTaskId(taskId)) {
+    els.watchInput.setAttribute("aria-invalid", "true");
+    els.watchHint.classList.add("hint-error");
+    els.watchHint.textContent = "Not a task ID: use 1 to 128 letters, digits, _ or -.";
+    els.watchInput.focus();
+    return;
+  }
+  els.watchInput.removeAttribute("aria-invalid");
+  els.watchHint.classList.remove("hint-error");
+  els.watchHint.innerHTML = WATCH_HINT;
+  watch(taskId, currentTransport(), { focus: true });
+  els.watchInput.value = "";
+});
+
+els.watchInput.addEventListener("input", () => {
+  if (els.watchInput.getAttribute("aria-invalid") !== "true") return;
+  els.watchInput.removeAttribute("aria-invalid");
+  els.watchHint.classList.remove("hint-error");
+  els.watchHint.innerHTML = WATCH_HINT;
+});
+
+els.clearFinished.addEventListener("click", () => {
+  for (const card of [...cards.values()]) if (card.finished) removeCard(card.taskId);
+});
+
+function applyUrlParameters() {
+  const params = new URLSearchParams(location.search);
+  const transport = params.get("transport");
+  if (transport === "ws" || transport === "sse") $(`#transport-${transport}`).checked = true;
+  if (params.has("queue")) els.simQueue.value = params.get("queue");
+  if (params.has("duration")) els.simDuration.value = params.get("duration");
+  const fail = params.get("fail");
+  if (fail === "true" || fail === "1") els.simFail.value = "true";
+  if (fail === "false" || fail === "0") els.simFail.value = "false";
+  for (const id of params.getAll("watch").flatMap((v) => v.split(","))) watch(id.trim());
+  const start = Number(params.get("start"));
+  if (Number.isInteger(start) && start > 0) startTasks(Math.min(start, 32));
+}
+
+applyUrlParameters();
+updateSummary();
+document.documentElement.dataset.ready = "true";

@@ -1,0 +1,515 @@
+"""The demo page and static/relay-client.js in a real browser (Debian's Chromium).
+
+Each test runs its own relay (and, for the restart test, its own simulator) as a
+subprocess on a free loopback port, drives the page with Playwright's async API
+and compares what the page reconstructed with what the relay holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+POLL = "0.2"
+STEP_TEXT = re.compile(r"^Step \d+ of \d+$")
+OUTAGE = re.compile(r"^(down|reconnecting)$")
+
+if not CHROMIUM.exists():
+    pytest.skip(
+        f"browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium); "
+        "no browser is downloaded",
+        allow_module_level=True,
+    )
+
+from playwright.async_api import (  # noqa: E402
+    Browser,
+    Page,
+    Request,
+    async_playwright,
+    expect,
+)
+
+expect.set_options(timeout=30_000)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A `python -m relay ...` subprocess with its output in a log file."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = [sys.executable, "-m", "relay", *args]
+        self.log = Path(tempfile.mkstemp(prefix="relay-", suffix=".log")[1])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    async def wait_healthy(self, url: str, seconds: float = 20.0) -> None:
+        try:
+            async with asyncio.timeout(seconds), httpx.AsyncClient(timeout=1.0) as client:
+                while True:
+                    if self.proc.poll() is not None:
+                        raise AssertionError(
+                            f"{' '.join(self.args)} exited with {self.proc.returncode}:\n"
+                            f"{self.output()}"
+                        )
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(url)).status_code == 200:
+                            return
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(f"{url} did not answer in {seconds} s:\n{self.output()}") from None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        print(f"--- {' '.join(self.args[2:])} ---\n{self.output()}")
+        self.log.unlink(missing_ok=True)
+
+
+class Servers:
+    """Starts relays and simulators for one test and stops them all at its end."""
+
+    def __init__(self) -> None:
+        self.processes: list[Process] = []
+
+    async def relay(self, port: int | None = None, *extra: str) -> tuple[Process, str]:
+        port = port or free_port()
+        process = Process("serve", "--port", str(port), "--poll-interval", POLL, *extra)
+        self.processes.append(process)
+        base = f"http://127.0.0.1:{port}"
+        await process.wait_healthy(f"{base}/healthz")
+        return process, base
+
+    async def simulator(self) -> str:
+        port = free_port()
+        process = Process("simulate", "--port", str(port))
+        self.processes.append(process)
+        base = f"http://127.0.0.1:{port}"
+        await process.wait_healthy(f"{base}/sim/stats")  # the simulator has no /healthz
+        return base
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            process.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    started = Servers()
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest_asyncio.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@pytest_asyncio.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        yield page
+    finally:
+        await context.close()
+    assert not errors, f"uncaught errors on the page: {errors}"
+
+
+async def start_sim_task(base: str, **options: Any) -> str:
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        response = await client.post(f"{base}/sim/tasks", json=options)
+    assert response.status_code == 201, response.text
+    task_id = response.json()["taskId"]
+    assert isinstance(task_id, str)
+    return task_id
+
+
+async def server_state(base: str, task_id: str) -> Any:
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        response = await client.get(f"{base}/v1/tasks/{task_id}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def client_state(page: Page, task_id: str) -> Any:
+    return await page.evaluate("(id) => window.relayStates[id] ?? null", task_id)
+
+
+async def watch(page: Page, task_id: str) -> None:
+    await page.fill("#watch-id", task_id)
+    await page.click("#watch-button")
+
+
+def card(page: Page, task_id: str) -> Any:
+    return page.locator(f'li.card[data-task-id="{task_id}"]')
+
+
+async def open_demo(page: Page, base: str, **params: str) -> None:
+    query = "&".join(f"{key}={value}" for key, value in params.items())
+    await page.goto(f"{base}/?{query}")
+    await expect(page.locator("html")).to_have_attribute("data-ready", "true")
+
+
+def record_event_sources(page: Page) -> list[str]:
+    """The URLs of the EventSources the page opens, in order."""
+    urls: list[str] = []
+
+    def seen(request: Request) -> None:
+        if request.resource_type == "eventsource":
+            urls.append(request.url)
+
+    page.on("request", seen)
+    return urls
+
+
+async def bar_value(page: Page, task_id: str) -> int:
+    value = await card(page, task_id).get_by_role("progressbar").get_attribute("aria-valuenow")
+    return int(value or 0)
+
+
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_started_task_progresses_to_success(
+    servers: Servers, page: Page, transport: str
+) -> None:
+    _, base = await servers.relay()
+    await open_demo(page, base, transport=transport, duration="3", queue="1", fail="false")
+
+    await page.get_by_role("button", name="Start 1 task").click()
+    cards = page.locator("li.card")
+    await expect(cards).to_have_count(1)
+    task_id = await cards.first.get_attribute("data-task-id")
+    assert task_id
+    task = card(page, task_id)
+    await expect(task).to_have_attribute("data-transport", transport)
+
+    # It runs: the bar moves, the card shows the node and the step.
+    await expect(task).to_have_attribute("data-status", "running")
+    await expect(task.locator(".step")).to_have_text(STEP_TEXT)
+    bar = task.get_by_role("progressbar")
+    await expect(bar).to_have_attribute("aria-valuemin", "0")
+    await expect(bar).to_have_attribute("aria-valuemax", "100")
+
+    await expect(task).to_have_attribute("data-status", "succeeded")
+    await expect(bar).to_have_attribute("aria-valuenow", "100")
+    await expect(task.locator(".status-text")).to_have_text("Succeeded")
+    await expect(page.locator("#connection")).to_have_attribute(
+        "data-state", "idle", timeout=10_000
+    )
+    log = await page.evaluate("window.relayConnectionLog")
+    assert "open" in log, log
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_client_state_equals_server_state(
+    servers: Servers, page: Page, transport: str
+) -> None:
+    """Snapshot plus merge patches give exactly the state the relay holds."""
+    _, base = await servers.relay()
+    await open_demo(page, base, transport=transport)
+    ok = await start_sim_task(base, duration=3, queue=1, fail=False)
+    failing = await start_sim_task(base, duration=3, queue=0.5, fail=True)
+    for task_id in (ok, failing):
+        await watch(page, task_id)
+
+    seen_running: dict[str, Any] = {}
+    await expect(card(page, ok)).to_have_attribute("data-status", "running")
+    seen_running[ok] = await client_state(page, ok)
+
+    await expect(card(page, ok)).to_have_attribute("data-status", "succeeded")
+    await expect(card(page, failing)).to_have_attribute("data-status", "failed")
+    await expect(card(page, failing).locator(".status-text")).to_have_text("Failed")
+
+    for task_id, status in ((ok, "succeeded"), (failing, "failed")):
+        mine = await client_state(page, task_id)
+        theirs = await server_state(base, task_id)
+        assert mine == theirs, f"{task_id}: client {json.dumps(mine)} != relay {json.dumps(theirs)}"
+        assert mine["status"] == status
+    assert seen_running[ok]["status"] == "running"
+    assert "state" in seen_running[ok]
+    # the patch that ended the run removed the fields the final state does not have
+    assert "state" not in await client_state(page, ok)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("transport", "how"),
+    [
+        pytest.param("sse", signal.SIGKILL, id="sse-crash"),
+        pytest.param("sse", signal.SIGTERM, id="sse-shutdown"),
+        pytest.param("ws", signal.SIGKILL, id="ws-crash"),
+        pytest.param("ws", signal.SIGTERM, id="ws-shutdown"),
+    ],
+)
+async def test_relay_restart_mid_task(
+    servers: Servers, page: Page, transport: str, how: signal.Signals
+) -> None:
+    """The relay goes away mid-task; the page shows it, reconnects by itself and finishes."""
+    upstream = await servers.simulator()
+    port = free_port()
+    relay, base = await servers.relay(port, "--upstream", upstream)
+    await open_demo(page, base, transport=transport)
+    task_id = await start_sim_task(upstream, duration=8, queue=0.5, fail=False)
+    await watch(page, task_id)
+
+    task = card(page, task_id)
+    await expect(task).to_have_attribute("data-status", "running")
+    indicator = page.locator("#connection")
+    await expect(indicator).to_have_attribute("data-state", "open")
+    before = await bar_value(page, task_id)
+
+    relay.stop(how)
+    await expect(indicator).to_have_attribute("data-state", OUTAGE, timeout=10_000)
+    await expect(indicator.locator(".conn-label")).not_to_have_text("Live")
+    assert await task.get_attribute("data-status") == "running"
+
+    await servers.relay(port, "--upstream", upstream)
+    await expect(task).to_have_attribute("data-status", "succeeded", timeout=30_000)
+    assert await bar_value(page, task_id) == 100 >= before
+    log: list[str] = await page.evaluate("window.relayConnectionLog")
+    outage = next(i for i, s in enumerate(log) if s in ("down", "reconnecting"))
+    assert "open" in log[outage:], log
+    assert await client_state(page, task_id) == await server_state(base, task_id)
+
+
+@pytest.mark.timeout(90)
+async def test_twelve_sse_tasks_on_one_page(servers: Servers, page: Page) -> None:
+    """More tasks than the browser's six connections per origin: one multiplexed stream."""
+    _, base = await servers.relay()
+    streams = record_event_sources(page)
+    await open_demo(page, base, transport="sse", duration="3", queue="1", fail="false")
+
+    await page.get_by_role("button", name="Start 12").click()
+    cards = page.locator("li.card")
+    await expect(cards).to_have_count(12)
+    await expect(page.locator('li.card[data-status="succeeded"]')).to_have_count(12, timeout=45_000)
+    for bar in await page.get_by_role("progressbar").all():
+        await expect(bar).to_have_attribute("aria-valuenow", "100")
+    assert streams, "no EventSource was opened"
+    assert all("/v1/events?" in url for url in streams), streams
+    assert len(streams) <= 2, streams
+    ids = [await c.get_attribute("data-task-id") for c in await cards.all()]
+    for task_id in ids[:3]:
+        assert task_id
+        assert await client_state(page, task_id) == await server_state(base, task_id)
+
+
+@pytest.mark.timeout(60)
+async def test_screenshot_mid_progress(servers: Servers, page: Page) -> None:
+    """A picture of the page with tasks in every state, for people to look at."""
+    _, base = await servers.relay()
+    await open_demo(page, base, transport="sse")
+    done = await start_sim_task(base, duration=1, queue=0, fail=False)
+    failed = await start_sim_task(base, duration=1.5, queue=0, fail=True)
+    running = [await start_sim_task(base, duration=d, queue=0, fail=False) for d in (12, 16, 20)]
+    waiting = await start_sim_task(base, duration=10, queue=30, fail=False)
+    for task_id in (done, failed, *running, waiting):
+        await watch(page, task_id)
+    await page.locator("label[for=transport-ws]").click()
+    await expect(page.get_by_role("radio", name="WebSocket")).to_be_checked()
+    await page.get_by_role("button", name="Start 1 task").click()
+
+    await expect(card(page, done)).to_have_attribute("data-status", "succeeded")
+    await expect(card(page, failed)).to_have_attribute("data-status", "failed")
+    await expect(card(page, waiting)).to_have_attribute("data-status", "waiting")
+    await expect(page.locator('li.card[data-status="running"]')).to_have_count(4)
+    await page.wait_for_function(
+        "(id) => (window.relayStates[id]?.progress ?? 0) >= 0.3", arg=running[0], timeout=15_000
+    )
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "demo-mid-progress.png"
+    await page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_unknown_and_invalid_task_ids(servers: Servers, page: Page, transport: str) -> None:
+    """An unknown task is a final error: shown on its card, and no endless reconnects."""
+    _, base = await servers.relay()
+    streams = record_event_sources(page)
+    await open_demo(page, base, transport=transport)
+
+    await watch(page, "not a task!")
+    await expect(page.locator("#watch-id")).to_have_attribute("aria-invalid", "true")
+    await expect(page.locator("#watch-hint")).to_contain_text("Not a task ID")
+    await expect(page.locator("li.card")).to_have_count(0)
+
+    await watch(page, "no-such-task-42")
+    task = card(page, "no-such-task-42")
+    await expect(task).to_have_attribute("data-status", "error")
+    await expect(task).to_have_attribute("data-error-code", "task_not_found")
+    await expect(task.locator(".status-text")).to_have_text("Not found")
+    await expect(page.locator("#connection")).to_have_attribute(
+        "data-state", "idle", timeout=10_000
+    )
+    await asyncio.sleep(1.5)  # longer than a reconnect would wait
+    assert len(streams) == (1 if transport == "sse" else 0), streams
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_upstream_outage_is_shown_and_recovers(
+    servers: Servers, page: Page, transport: str
+) -> None:
+    _, base = await servers.relay()
+    await open_demo(page, base, transport=transport)
+    task_id = await start_sim_task(base, duration=5, queue=0, fail=False)
+    await watch(page, task_id)
+    task = card(page, task_id)
+    await expect(task).to_have_attribute("data-status", "running")
+
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        await client.post(f"{base}/sim/faults", json={"error_rate": 1})
+        try:
+            await expect(task.locator(".warning")).to_contain_text("retrying")
+            await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+        finally:
+            await client.post(f"{base}/sim/faults", json={"error_rate": 0})
+    await expect(task).to_have_attribute("data-status", "succeeded")
+    await expect(task.locator(".warning")).to_be_hidden()
+    assert await client_state(page, task_id) == await server_state(base, task_id)
+
+
+@pytest.mark.timeout(90)
+async def test_sse_tasks_coming_and_going(servers: Servers, page: Page) -> None:
+    """The multiplexed stream is re-opened as tasks are added and removed."""
+    _, base = await servers.relay()
+    streams = record_event_sources(page)
+    await open_demo(page, base, transport="sse", duration="4", queue="0", fail="false")
+    await page.get_by_role("button", name="Start 1 task").click()
+    await expect(page.locator('li.card[data-status="running"]')).to_have_count(1)
+    await page.get_by_role("button", name="Start 5").click()
+    await expect(page.locator('li.card[data-status="running"]')).to_have_count(6)
+
+    ids = [await c.get_attribute("data-task-id") for c in await page.locator("li.card").all()]
+    dropped = ids[0]
+    assert dropped
+    await card(page, dropped).get_by_role("button", name=re.compile("Stop watching")).click()
+    await expect(card(page, dropped)).to_have_count(0)
+
+    await expect(page.locator('li.card[data-status="succeeded"]')).to_have_count(5)
+    await expect(page.locator("li.card")).to_have_count(5)
+    for task_id in ids[1:]:
+        assert task_id
+        assert await client_state(page, task_id) == await server_state(base, task_id)
+    # one task alone, then six together, then five: three streams, one at a time
+    assert "/v1/tasks/" in streams[0], streams
+    assert all("/v1/events?" in url for url in streams[1:]), streams
+    assert len(streams) == 3, streams
+    assert streams[-1].count("taskId=") == 5, streams
+
+
+RFC7396_EXAMPLES = [
+    # RFC 7396, appendix A
+    ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+    ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+    ({"a": "b"}, {"a": None}, {}),
+    ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+    ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+    ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+    ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+    ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+    (["a", "b"], ["c", "d"], ["c", "d"]),
+    ({"a": "b"}, ["c"], ["c"]),
+    ({"a": "foo"}, None, None),
+    ({"a": "foo"}, "bar", "bar"),
+    ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+    ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
+    ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+]
+
+
+@pytest.mark.timeout(60)
+async def test_merge_patch_in_the_browser(servers: Servers, page: Page) -> None:
+    """relay-client.js applies RFC 7396 exactly, without touching its input."""
+    _, base = await servers.relay()
+    await page.goto(f"{base}/static/relay-client.js")  # same origin for the import
+    results = await page.evaluate(
+        """async (cases) => {
+            const { applyMergePatch } = await import("/static/relay-client.js");
+            return cases.map(([target, patch]) => {
+                const before = JSON.stringify(target);
+                const result = applyMergePatch(target, patch);
+                return [result === undefined ? null : result, JSON.stringify(target) === before];
+            });
+        }""",
+        [[target, patch] for target, patch, _ in RFC7396_EXAMPLES],
+    )
+    for (target, patch, expected), (result, untouched) in zip(
+        RFC7396_EXAMPLES, results, strict=True
+    ):
+        assert result == expected, (target, patch)
+        assert untouched, (target, patch)
+    polluted = await page.evaluate(
+        """async () => {
+            const { applyMergePatch } = await import("/static/relay-client.js");
+            const out = applyMergePatch({}, JSON.parse('{"__proto__": {"polluted": 1}}'));
+            return [({}).polluted ?? null, Object.getPrototypeOf(out) === Object.prototype,
+                    JSON.stringify(out)];
+        }"""
+    )
+    assert polluted == [None, True, '{"__proto__":{"polluted":1}}']
