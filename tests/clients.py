@@ -41,6 +41,14 @@ async def sse_events(
                 fields[name] = value.removeprefix(" ")
 
 
+async def visit(client: httpx.AsyncClient, url: str) -> None:
+    """Open an SSE stream, read up to its snapshot, and leave."""
+    async with client.stream("GET", url) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("event: snapshot"):
+                return
+
+
 @dataclass
 class Watcher:
     """What one subscriber saw, and the state it rebuilt from snapshots and patches."""

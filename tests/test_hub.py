@@ -4,7 +4,7 @@ import asyncio
 
 import httpx
 
-from .clients import wait_for, watch_sse, watch_ws
+from .clients import visit, wait_for, watch_sse, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ThreadServer
 
@@ -56,11 +56,7 @@ async def test_late_subscriber_joins_without_an_extra_upstream_call(
     first = asyncio.create_task(watch_sse(http, relay.url, task_id))
     await wait_for(lambda: (t := hub.get(task_id)) is not None and t.state is not None)
     calls = upstream.calls(task_id)
-    url = f"{relay.url}/v1/tasks/{task_id}/events"
-    async with http.stream("GET", url) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("event: snapshot"):
-                break
+    await visit(http, f"{relay.url}/v1/tasks/{task_id}/events")
     assert upstream.calls(task_id) == calls
     first.cancel()
 
@@ -83,11 +79,7 @@ async def test_loop_stops_after_the_last_subscriber_leaves_and_the_linger(
     relay = make_relay(linger=0.5)
     hub = relay.app.state.hub
     task_id = upstream.start_task(queue=10, duration=10)
-    url = f"{relay.url}/v1/tasks/{task_id}/events"
-    async with http.stream("GET", url) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("event: snapshot"):
-                break
+    await visit(http, f"{relay.url}/v1/tasks/{task_id}/events")
     await asyncio.sleep(0.3)
     assert hub.loop_count == 1, "the loop must linger"
     await wait_for(lambda: hub.loop_count == 0, timeout=3)
@@ -103,11 +95,7 @@ async def test_a_subscriber_within_the_linger_keeps_the_loop(
     relay = make_relay(linger=1.0)
     hub = relay.app.state.hub
     task_id = upstream.start_task(queue=0.2, duration=2)
-    url = f"{relay.url}/v1/tasks/{task_id}/events"
-    async with http.stream("GET", url) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("event: snapshot"):
-                break
+    await visit(http, f"{relay.url}/v1/tasks/{task_id}/events")
     await asyncio.sleep(0.3)
     watcher = await watch_sse(http, relay.url, task_id)
     assert watcher.ended == "succeeded"

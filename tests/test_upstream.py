@@ -17,7 +17,7 @@ from relay.upstream import (
     read_envelope,
 )
 
-from .clients import watch_sse, watch_ws
+from .clients import visit, watch_sse, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ThreadServer
 
@@ -149,11 +149,7 @@ async def test_pool_of_two_survives_a_hundred_subscribe_rounds(
     upstream.simulator.faults.latency = 0.01
     for _ in range(100):
         task_id = upstream.start_task(queue=5)
-        url = f"{relay.url}/v1/tasks/{task_id}/events"
-        async with http.stream("GET", url) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("event:"):
-                    break
+        await visit(http, f"{relay.url}/v1/tasks/{task_id}/events")
     upstream.simulator.faults.latency = 0
     task_id = upstream.start_task(queue=0.1, duration=0.5)
     watcher = await watch_sse(http, relay.url, task_id)
