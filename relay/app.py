@@ -112,7 +112,6 @@ def create_app(settings: Settings) -> Starlette:
             on_call=metrics.upstream_call,
             budget=RateBudget(settings.upstream_rate),
         )
-        metrics.watch_budget(upstream.budget)
         policy = PollPolicy(
             interval=settings.poll_interval,
             waiting_max=settings.waiting_interval_max,
@@ -133,6 +132,7 @@ def create_app(settings: Settings) -> Starlette:
             on_subscribers=metrics.subscribers_changed,
             on_pushed=metrics.pushed,
         )
+        metrics.watch(upstream.budget, hub)
         app.state.hub = hub
         app.state.lookup = StateLookup(upstream)
         try:

@@ -143,6 +143,11 @@ class TaskHub:
     # -- read by subscribers ----------------------------------------------------------
 
     @property
+    def unavailable(self) -> bool:
+        """True while the loop is backing off from a failing upstream."""
+        return self._notice is not None
+
+    @property
     def final_seq(self) -> int | None:
         """The sequence number of an ended task's last state (None if running or stateless)."""
         return self.seq if self.ended and self.state is not None else None
@@ -242,6 +247,10 @@ class Hub:
     @property
     def loop_count(self) -> int:
         return len(self._loops)
+
+    @property
+    def backing_off(self) -> int:
+        return sum(1 for task in self.tasks.values() if task.unavailable)
 
     @property
     def subscriber_count(self) -> int:

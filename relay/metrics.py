@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .budget import RateBudget
+from .hub import Hub
 
 
 class Metrics:
@@ -50,15 +51,22 @@ class Metrics:
             "Seconds left of a relay-wide pause asked for by an upstream 429",
             registry=self.registry,
         )
+        self.backing_off = Gauge(
+            "relay_loops_backing_off",
+            "Poll loops waiting out a backoff after upstream faults",
+            registry=self.registry,
+        )
         for transport in ("sse", "ws"):
             self.subscribers.labels(transport)
             self.messages.labels(transport)
         for outcome in ("ok", "not_found", "unauthorized", "error"):
             self.upstream_calls.labels(outcome)
 
-    def watch_budget(self, budget: RateBudget) -> None:
+    def watch(self, budget: RateBudget, hub: Hub) -> None:
+        """Read the budget's and the hub's gauges when scraped, not on every change."""
         self.budget_waiting.set_function(lambda: budget.waiting)
         self.budget_paused.set_function(lambda: budget.paused_for)
+        self.backing_off.set_function(lambda: hub.backing_off)
 
     def upstream_call(self, outcome: str, seconds: float) -> None:
         self.upstream_calls.labels(outcome).inc()

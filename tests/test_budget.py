@@ -62,3 +62,27 @@ async def test_two_hundred_tasks_share_twenty_calls_a_second_fairly(
         elapsed = time.monotonic() - started
     assert total / elapsed <= 20 * 1.1, (total, elapsed)
     assert total / elapsed >= 20 * 0.7, (total, elapsed)
+
+
+async def test_a_429_storm_slows_the_relay_and_it_recovers(
+    make_relay: RelayFactory, upstream: SimulatedUpstream
+) -> None:
+    relay = make_relay(poll_interval=0.1)
+    upstream.simulator.faults.retry_after = 0.5
+    upstream.simulator.faults.throttle_rate = 1.0
+    tasks = [upstream.start_task(queue=0.5, duration=2.0) for _ in range(5)]
+    async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
+        for task_id in tasks:
+            await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        await asyncio.sleep(1.5)
+        # Unthrottled, five loops at 0.1 s would have made about 75 calls by now.
+        storm_calls = sum(upstream.calls(t) for t in tasks)
+        assert storm_calls <= 20, storm_calls
+        upstream.simulator.faults.throttle_rate = 0.0
+        ended: set[str] = set()
+        async with asyncio.timeout(15):
+            while len(ended) < len(tasks):
+                frame = json.loads(await socket.recv())
+                if frame["type"] == "end":
+                    ended.add(frame["taskId"])
+    assert ended == set(tasks)
