@@ -1,0 +1,1 @@
+"""comfy-relay benchmarks: `python -m bench.run_all` (see bench/README.md)."""

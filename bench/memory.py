@@ -1,0 +1,122 @@
+"""Memory per idle subscriber: relay RSS at 0, 1k, 5k and 10k idle SSE / WebSocket subscribers.
+
+Every subscriber watches one task that never changes (a queued task of
+bench/fixed_upstream.py), so after its snapshot it is idle. RSS is VmRSS from
+/proc/<pid>/status, read three times after the count settles (median). The baseline is
+read after a warm-up round of 100 subscribers came and went, so lazily imported code and
+first-use caches are not charged to subscribers. Subscribers are added in steps to the same
+server, from separate load-client processes. Beside the relay: bench/minimal_server.py
+(`--interval 0`: it never pushes), the stack's own cost of an open stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from .common import (
+    LoadGroup,
+    Server,
+    command_line,
+    emit,
+    log,
+    start_fixed_upstream,
+    start_minimal,
+    start_relay,
+    summary,
+    table,
+)
+
+TARGET_KIB = 20.0
+SETTLE = 2.0
+
+
+def settled_rss(server: Server) -> int:
+    time.sleep(SETTLE)
+    reads = []
+    for _ in range(3):
+        reads.append(server.rss())
+        time.sleep(0.2)
+    return int(statistics.median(reads))
+
+
+def run_one(kind: str, transport: str, levels: list[int], upstream: Server) -> dict[int, int]:
+    """RSS in KiB at each subscriber count (0 included), on one fresh server."""
+    server = start_relay(upstream.url, 1.0) if kind == "relay" else start_minimal(0)
+    loads: list[LoadGroup] = []
+    try:
+        warm = LoadGroup(server.url, transport, [("idle-warm", 100)])
+        warm.wait_ready()
+        warm.stop()
+        time.sleep(1.0)  # past the relay's 2 s linger, with SETTLE
+        rss = {0: settled_rss(server)}
+        have = 0
+        for level in levels:
+            loads.append(LoadGroup(server.url, transport, [("idle-mem", level - have)]))
+            have += loads[-1].wait_ready()
+            rss[level] = settled_rss(server)
+            log(f"{kind} {transport}: {have} idle subscribers, RSS {rss[level] / 1024:.1f} MiB")
+        return rss
+    finally:
+        for load in loads:
+            load.stop()
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--levels", default="1000,5000,10000", help="subscriber counts")
+    parser.add_argument("--reps", type=int, default=2, help="fresh relays per transport")
+    parser.add_argument("--quick", action="store_true", help="up to 1,000, one repetition")
+    args = parser.parse_args()
+    if args.quick:
+        args.levels, args.reps = "1000", 1
+    levels = sorted(int(n) for n in args.levels.split(",") if n)
+    upstream = start_fixed_upstream()
+    runs: dict[tuple[str, str], list[dict[int, int]]] = {}
+    try:
+        for transport in ("sse", "ws"):
+            for kind in ("relay", "minimal"):
+                reps = args.reps if kind == "relay" else 1
+                runs[(kind, transport)] = [
+                    run_one(kind, transport, levels, upstream) for _ in range(reps)
+                ]
+    finally:
+        upstream.stop()
+    rows: list[list[Any]] = []
+    for (kind, transport), reps_rss in runs.items():
+        for level in [0, *levels]:
+            mib = [r[level] / 1024 for r in reps_rss]
+            per = [(r[level] - r[0]) / level for r in reps_rss] if level else []
+            verdict = ""
+            if kind == "relay" and level:
+                verdict = "met" if statistics.median(per) <= TARGET_KIB else "missed"
+            rows.append(
+                [
+                    transport.upper(),
+                    kind,
+                    f"{level:,}",
+                    summary(mib, 1),
+                    summary(per, 1) if per else "",
+                    verdict,
+                ]
+            )
+    body = table(
+        [
+            "transport",
+            "server",
+            "idle subscribers",
+            "RSS MiB",
+            "KiB per subscriber (RSS - RSS at 0) / N",
+            f"≤ {TARGET_KIB:g} KiB",
+        ],
+        rows,
+    )
+    body += f"\n\nRelay: median (min-max) of {args.reps} fresh relays; minimal server: one run."
+    emit("Memory per idle subscriber", command_line(), body)
+
+
+if __name__ == "__main__":
+    main()

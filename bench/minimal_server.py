@@ -1,0 +1,172 @@
+"""The stack's own limit: Starlette + sse-starlette and a Starlette WebSocket, no relay logic.
+
+Every `--interval` seconds one new frame is encoded once (the same patch the relay would
+send for the fixed upstream's hot task, with a fresh `sentAt`) and every connected client
+is woken to send those pre-encoded bytes. A client gets a snapshot frame when it connects.
+A client still sending when the next frame comes skips to the newest (as the relay
+coalesces). `--interval 0` never pushes: idle clients, for memory. Routes:
+`GET /v1/tasks/{task}/events` (SSE, with the relay's ping and send timeout),
+`WS /v1/ws` (a reader task and a sender, as the relay has), `GET /healthz`.
+
+It runs under `uvicorn.run` with the relay's own settings (uvloop, httptools,
+websockets-sansio, 64 KiB max WebSocket message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .common import HOST, hot_patch, hot_state
+
+TASK_ID = "hot"
+PING_INTERVAL = 15.0
+SEND_TIMEOUT = 10.0
+
+
+def dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def sse_frame(kind: str, seq: int, data: str) -> bytes:
+    return f"id: {seq}\nevent: {kind}\ndata: {data}\n\n".encode()
+
+
+def ws_frame(kind: str, seq: int, data: str) -> str:
+    return f'{{"type":"{kind}","taskId":"{TASK_ID}","seq":{seq},"data":{data}}}'
+
+
+class Broadcast:
+    """The newest frame and a generation number; waiters wake when the generation moves."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.seq = 1_000_000
+        state = dumps(hot_state(TASK_ID, 0, time.time()))
+        self.snapshot_sse = sse_frame("snapshot", self.seq, state)
+        self.snapshot_ws = ws_frame("snapshot", self.seq, state)
+        self.frame_sse = self.snapshot_sse
+        self.frame_ws = self.snapshot_ws
+        self._changed = asyncio.Event()
+
+    def publish(self) -> None:
+        self.seq += 1
+        self.generation += 1
+        data = dumps(hot_patch(self.generation, time.time()))
+        self.frame_sse = sse_frame("patch", self.seq, data)
+        self.frame_ws = ws_frame("patch", self.seq, data)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def newer_than(self, generation: int) -> int:
+        while self.generation == generation:
+            await self._changed.wait()
+        return self.generation
+
+
+def create_app(interval: float) -> Starlette:
+    broadcast: Broadcast | None = None
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        nonlocal broadcast
+        broadcast = Broadcast()
+        ticker = asyncio.create_task(tick(broadcast)) if interval > 0 else None
+        try:
+            yield
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+
+    async def tick(b: Broadcast) -> None:
+        next_at = time.monotonic()
+        while True:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            b.publish()
+
+    async def events(request: Request) -> Response:
+        assert broadcast is not None
+        b = broadcast
+
+        async def body() -> AsyncIterator[bytes]:
+            seen = b.generation
+            yield b.snapshot_sse
+            while True:
+                seen = await b.newer_than(seen)
+                yield b.frame_sse
+
+        return EventSourceResponse(
+            body(),
+            headers={"Cache-Control": "no-cache"},
+            ping=PING_INTERVAL,
+            send_timeout=SEND_TIMEOUT,
+        )
+
+    async def websocket(ws: WebSocket) -> None:
+        assert broadcast is not None
+        b = broadcast
+        await ws.accept()
+
+        async def reader() -> None:
+            while (await ws.receive())["type"] != "websocket.disconnect":
+                pass
+
+        reading = asyncio.create_task(reader())
+        try:
+            seen = b.generation
+            await ws.send_text(b.snapshot_ws)
+            while not reading.done():
+                seen = await b.newer_than(seen)
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await ws.send_text(b.frame_ws)
+        except (WebSocketDisconnect, RuntimeError, OSError, TimeoutError):
+            pass  # the client left, or stopped reading
+        finally:
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await reading
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    routes: list[Route | WebSocketRoute] = [
+        Route("/v1/tasks/{task_id}/events", events),
+        WebSocketRoute("/v1/ws", websocket),
+        Route("/healthz", healthz),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds; 0: never push")
+    args = parser.parse_args()
+    uvicorn.run(
+        create_app(args.interval),
+        host=HOST,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        ws_max_size=64 * 1024,
+        timeout_graceful_shutdown=3,
+        server_header=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
