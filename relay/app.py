@@ -85,6 +85,10 @@ async def task_state(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """Liveness; in cluster mode `degraded` while Redis is unreachable (still serving)."""
+    cluster = request.app.state.cluster
+    if cluster is not None and not cluster.healthy:
+        return JSONResponse({"status": "degraded", "redis": "unreachable"})
     return JSONResponse({"status": "ok"})
 
 
@@ -121,8 +125,20 @@ def create_app(settings: Settings) -> Starlette:
             request_timeout=settings.request_timeout,
         )
 
-        async def poll(task: TaskHub) -> None:
-            await poll_task(task, upstream, policy)
+        cluster = None
+        if settings.redis_url is not None:
+            # Imported here so that a single relay never needs redis installed.
+            from .cluster import Cluster, poll_task_clustered
+
+            cluster = Cluster(settings.redis_url, settings.lease_ttl, metrics)
+            clustered = cluster
+
+            async def poll(task: TaskHub) -> None:
+                await poll_task_clustered(task, clustered, upstream, policy, settings.linger)
+        else:
+
+            async def poll(task: TaskHub) -> None:
+                await poll_task(task, upstream, policy)
 
         hub = Hub(
             poll,
@@ -134,11 +150,16 @@ def create_app(settings: Settings) -> Starlette:
         )
         metrics.watch(upstream.budget, hub)
         app.state.hub = hub
+        app.state.cluster = cluster
         app.state.lookup = StateLookup(upstream)
+        if cluster is not None:
+            cluster.start(hub)
         try:
             yield
         finally:
             await hub.close()
+            if cluster is not None:
+                await cluster.close()
             await http.aclose()
 
     routes: list[BaseRoute] = [
@@ -170,4 +191,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.simulator = simulator
+    app.state.cluster = None
     return app

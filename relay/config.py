@@ -210,6 +210,13 @@ OPTIONS: tuple[Option, ...] = (
         "open streams and WebSockets per process; more get 503 (default 10000)",
     ),
     Option(
+        "lease_ttl",
+        ("RELAY_LEASE_TTL",),
+        "--lease-ttl",
+        positive_float,
+        "cluster mode: seconds a dead polling node's lease lasts before others take over (3)",
+    ),
+    Option(
         "ended_ttl",
         ("RELAY_ENDED_TTL",),
         "--ended-ttl",
@@ -237,6 +244,34 @@ OPTIONS: tuple[Option, ...] = (
         positive_float,
         "seconds a client may take to accept one message before it is dropped (default 10)",
     ),
+    Option(
+        "token_secret",
+        ("RELAY_TOKEN_SECRET",),
+        None,
+        text,
+        "HS256 secret of subscription tokens: set, every subscription needs one (default: off)",
+    ),
+    Option(
+        "max_ws_subscriptions",
+        ("RELAY_MAX_WS_SUBSCRIPTIONS",),
+        "--max-ws-subscriptions",
+        positive_int,
+        "task subscriptions on one WebSocket (default 100)",
+    ),
+    Option(
+        "ws_max_size",
+        ("RELAY_WS_MAX_SIZE",),
+        "--ws-max-size",
+        positive_int,
+        "largest WebSocket message a client may send, in bytes; larger closes 1009 (default 65536)",
+    ),
+    Option(
+        "max_loops",
+        ("RELAY_MAX_LOOPS",),
+        "--max-loops",
+        positive_int,
+        "poll loops per process; subscriptions that need one more get overloaded (default 10000)",
+    ),
 )
 
 
@@ -259,10 +294,15 @@ class Settings:
     waiting_interval_max: float = 5.0
     fetch_result: bool = True
     max_connections: int = 10_000
+    lease_ttl: float = 3.0
     ended_ttl: float = 60.0
     max_stream_tasks: int = 32
     ping_interval: float = 15.0
     send_timeout: float = 10.0
+    token_secret: str | None = field(default=None, repr=False)
+    max_ws_subscriptions: int = 100
+    ws_max_size: int = 65_536
+    max_loops: int = 10_000
 
     @property
     def simulated(self) -> bool:

@@ -88,8 +88,10 @@ class TaskHub:
         self.cursors: set[Cursor] = set()
         self.ended = False
         self.stop_requested = False
+        self.shutting_down = False
         self._history: deque[tuple[int, dict[str, Any]]] = deque(maxlen=HISTORY_SIZE)
         self._last_patch: Event | None = None
+        self._last_patch_from = 0
         self._snapshot: Event | None = None
         self._notice: Event | None = None
         self._notice_gen = 0
@@ -98,29 +100,61 @@ class TaskHub:
 
     # -- written by the poll loop ---------------------------------------------------
 
-    def publish(self, state: dict[str, Any]) -> bool:
-        """Record a polled state; returns False when nothing changed (nothing is pushed)."""
+    def next_seq(self) -> int:
+        """The number the next change gets: one more, or the clock's for a task's first state.
+
+        Numbering a new loop from the clock in milliseconds means a number never
+        repeats for a task, even across restarts.
+        """
+        if self.state is None:
+            return max(time.time_ns() // 1_000_000, self.seq + 1)
+        return self.seq + 1
+
+    def publish(
+        self,
+        state: dict[str, Any],
+        seq: int | None = None,
+        patch: dict[str, Any] | None = None,
+    ) -> bool:
+        """Record a new state; returns False when nothing changed (nothing is pushed).
+
+        `seq` is given when the number was chosen elsewhere (a cluster's polling
+        node); a state not newer than the one held is ignored. `patch`, when
+        given, must lead from the state held to this one.
+        """
         if self.ended:
             return False
-        self._notice = None
-        if state == self.state:
+        if seq is None:
+            self._notice = None
+            if state == self.state:
+                return False
+            seq = self.next_seq()
+        elif seq <= self.seq:
             return False
+        self._notice = None
         if self.state is None:
-            # A new loop numbers from the clock so a sequence never repeats across restarts.
-            self.seq = max(time.time_ns() // 1_000_000, self.seq + 1)
             self._last_patch = None
         else:
-            self.seq += 1
-            patch = merge_patch(self.state, state)
-            self._last_patch = Event("patch", self.task_id, self.seq, patch)
+            if patch is None or seq != self.seq + 1:
+                patch = merge_patch(self.state, state)
+            self._last_patch = Event("patch", self.task_id, seq, patch)
+            self._last_patch_from = self.seq
+        self.seq = seq
         self.state = state
         self._snapshot = None
-        self._history.append((self.seq, state))
+        self._history.append((seq, state))
         if state.get("status") in TERMINAL:
             self.ended = True
-            self._final = Event("end", self.task_id, self.seq, {"status": state["status"]})
+            self._final = Event("end", self.task_id, seq, {"status": state["status"]})
         self._notify()
         return True
+
+    def remember(self, history: list[tuple[int, dict[str, Any]]]) -> None:
+        """Add older states (oldest first) so that resumes from them get a patch."""
+        known = {seq for seq, _ in self._history}
+        older = [(seq, state) for seq, state in history if seq < self.seq and seq not in known]
+        merged = sorted([*older, *self._history], key=lambda entry: entry[0])
+        self._history = deque(merged[-HISTORY_SIZE:], maxlen=HISTORY_SIZE)
 
     def report_unavailable(self, message: str) -> None:
         """Tell subscribers the upstream is failing and the loop is retrying (once per outage)."""
@@ -179,7 +213,7 @@ class TaskHub:
         return events
 
     def _state_since(self, seq: int | None) -> Event:
-        if seq is not None and self._last_patch is not None and seq == self.seq - 1:
+        if seq is not None and self._last_patch is not None and seq == self._last_patch_from:
             return self._last_patch
         if seq is not None and seq < self.seq:
             for old_seq, old_state in self._history:
@@ -363,6 +397,7 @@ class Hub:
             timer.cancel()
         self._timers.clear()
         for task in self.tasks.values():
+            task.shutting_down = True
             task.request_stop()
             for cursor in list(task.cursors):
                 cursor.subscriber.close()

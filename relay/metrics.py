@@ -56,6 +56,22 @@ class Metrics:
             "Poll loops waiting out a backoff after upstream faults",
             registry=self.registry,
         )
+        self.leases_held = Gauge(
+            "relay_leases_held",
+            "Task leases this node holds in cluster mode (tasks it polls)",
+            registry=self.registry,
+        )
+        self.lease_takeovers = Counter(
+            "relay_lease_takeovers",
+            "Leases this node took over from a node that stopped polling",
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "relay_redis_errors",
+            "Failed Redis operations, by kind (publish, subscribe, read, lease, interest)",
+            ["operation"],
+            registry=self.registry,
+        )
         for transport in ("sse", "ws"):
             self.subscribers.labels(transport)
             self.messages.labels(transport)

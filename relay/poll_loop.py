@@ -49,6 +49,43 @@ class PollPolicy:
         return delay
 
 
+@dataclass
+class Polled:
+    """What one poll brought: a state, a final error, or a fault to retry after `delay`."""
+
+    state: dict[str, Any] | None = None
+    final: tuple[ErrorCode, str] | None = None
+    fault: str | None = None
+    delay: float = 0.0
+
+
+async def poll_once(
+    task_id: str, upstream: UpstreamClient, policy: PollPolicy, failures: int
+) -> Polled:
+    """One upstream call (plus the result of a succeeded task), read into what to do next.
+
+    `failures` counts the faults in a row before this call, for the backoff.
+    """
+    try:
+        state = await upstream.progress(task_id)
+    except TaskNotFound as exc:
+        return Polled(final=(ErrorCode.TASK_NOT_FOUND, str(exc)))
+    except Unauthorized as exc:
+        logger.error("task %s: %s; check the AccessKey pair", task_id, exc)
+        if "timestamp" in str(exc).lower():
+            logger.warning("the upstream says our timestamp is off: is this host's clock right?")
+        return Polled(
+            final=(ErrorCode.UNAUTHORIZED, "the upstream refused the relay's credentials")
+        )
+    except UpstreamUnavailable as exc:
+        delay = policy.backoff(failures + 1, exc.retry_after)
+        logger.warning("task %s: %s; retry %d in %.1fs", task_id, exc, failures + 1, delay)
+        return Polled(fault=f"{exc}; retrying", delay=delay)
+    if state["status"] == "succeeded" and policy.fetch_result:
+        state = await with_result(upstream, task_id, state, policy.request_timeout)
+    return Polled(state=state, delay=policy.next_interval(state))
+
+
 async def poll_task(task: TaskHub, upstream: UpstreamClient, policy: PollPolicy) -> None:
     """Poll one task until it ends or its hub asks the loop to stop.
 
@@ -57,33 +94,20 @@ async def poll_task(task: TaskHub, upstream: UpstreamClient, policy: PollPolicy)
     """
     failures = 0
     while not task.stop_requested:
-        try:
-            state = await upstream.progress(task.task_id)
-        except TaskNotFound as exc:
-            task.fail(ErrorCode.TASK_NOT_FOUND, str(exc))
+        polled = await poll_once(task.task_id, upstream, policy, failures)
+        if polled.final is not None:
+            task.fail(*polled.final)
             return
-        except Unauthorized as exc:
-            logger.error("task %s: %s; check the AccessKey pair", task.task_id, exc)
-            if "timestamp" in str(exc).lower():
-                logger.warning(
-                    "the upstream says our timestamp is off: is this host's clock right?"
-                )
-            task.fail(ErrorCode.UNAUTHORIZED, "the upstream refused the relay's credentials")
-            return
-        except UpstreamUnavailable as exc:
+        if polled.fault is not None:
             failures += 1
-            delay = policy.backoff(failures, exc.retry_after)
-            logger.warning("task %s: %s; retry %d in %.1fs", task.task_id, exc, failures, delay)
-            task.report_unavailable(f"{exc}; retrying")
+            task.report_unavailable(polled.fault)
         else:
             failures = 0
-            if state["status"] == "succeeded" and policy.fetch_result:
-                state = await with_result(upstream, task.task_id, state, policy.request_timeout)
-            task.publish(state)
+            assert polled.state is not None
+            task.publish(polled.state)
             if task.ended:
                 return
-            delay = policy.next_interval(state)
-        await task.sleep(delay)
+        await task.sleep(polled.delay)
 
 
 async def with_result(
