@@ -73,6 +73,10 @@ async def task_state(request: Request) -> Response:
         return JSONResponse(task.state, headers={"X-Relay-Seq": str(task.seq)})
     if task is not None and task.ended:
         return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown task {task_id}")
+    cluster = request.app.state.cluster
+    if cluster is not None and (stored := await cluster.stored_state(task_id)) is not None:
+        seq, state = stored
+        return JSONResponse(state, headers={"X-Relay-Seq": str(seq)})
     try:
         state = await request.app.state.lookup.fetch(task_id)
     except TaskNotFound:

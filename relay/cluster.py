@@ -150,7 +150,7 @@ class Cluster:
                     else:
                         # Quiet channel: make sure Redis is still there (a half-open
                         # socket would otherwise go unnoticed), and say so in /healthz.
-                        await self._redis.ping()  # type: ignore[misc]
+                        await self._redis.ping()
                         self.healthy = True
             except asyncio.CancelledError:
                 raise
@@ -199,6 +199,18 @@ class Cluster:
         if stored.get(b"error") is not None:
             error = json.loads(stored[b"error"])
             task.fail(ErrorCode(error["code"]), error["message"])
+
+    async def stored_state(self, task_id: str) -> tuple[int, dict[str, Any]] | None:
+        """The stored state of a task any node polls, or None (also when Redis is away)."""
+        try:
+            stored = await self._redis.hmget(state_key(task_id), ["seq", "state"])
+        except (RedisError, OSError) as exc:
+            self.failed("read", exc)
+            return None
+        seq, state = stored
+        if seq is None or state is None:
+            return None
+        return int(seq), json.loads(state)
 
     async def store(self, task: TaskHub, state: dict[str, Any], seq: int) -> bool:
         """Store and publish a change while we hold the lease; False when we lost it."""

@@ -261,3 +261,21 @@ async def test_cluster_recovers_from_a_redis_restart(
             assert watcher.ended == "succeeded" and watcher.state == final
     finally:
         server.stop()
+
+
+async def test_task_state_on_any_node_comes_from_the_store(
+    redis_url: str, upstream: SimulatedUpstream, http: httpx.AsyncClient, nodes_factory: Any
+) -> None:
+    a, b = nodes_factory(2, redis_url, upstream.url)
+    task_id = upstream.start_task(queue=0, duration=30)
+    async with websockets.connect(f"{a.ws_url}/v1/ws") as on_a:
+        await on_a.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        snapshot = json.loads(await on_a.recv())
+        calls = upstream.calls(task_id)
+        response = await http.get(f"{b.url}/v1/tasks/{task_id}")
+        assert response.status_code == 200
+        assert int(response.headers["x-relay-seq"]) >= snapshot["seq"]
+        assert response.json()["taskId"] == task_id
+        # Answered from Redis: node B made no upstream call of its own.
+        assert await metric(http, b, 'relay_upstream_calls_total{outcome="ok"}') == 0
+        assert upstream.calls(task_id) - calls <= 3
