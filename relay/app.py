@@ -28,6 +28,7 @@ from .protocol import ErrorCode, error_response, invalid_task_id_message, is_val
 from .signing import make_signer
 from .simulator import Simulator
 from .sse import many_task_events, task_events
+from .tokens import grant
 from .upstream import (
     TaskNotFound,
     Unauthorized,
@@ -68,6 +69,10 @@ async def task_state(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     if not is_valid_task_id(task_id):
         return error_response(400, ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id))
+    token = request.query_params.get("token")
+    refusal = grant(request.app.state.settings.token_secret, token).refusal(task_id)
+    if refusal is not None:
+        return error_response(401, ErrorCode.UNAUTHORIZED, refusal)
     task: TaskHub | None = request.app.state.hub.get(task_id)
     if task is not None and task.state is not None:
         return JSONResponse(task.state, headers={"X-Relay-Seq": str(task.seq)})

@@ -20,9 +20,15 @@ from .config import (
     load_settings,
     non_negative_float,
     port_number,
+    positive_float,
 )
+from .protocol import invalid_task_id_message, is_valid_task_id
+from .tokens import SecretTooShort, check_secret, mint
 
-WS_MAX_SIZE = 64 * 1024
+# uvicorn's WebSocket backend on websockets' Sans-I/O protocol: it stops `send` while the
+# socket's buffer is full, which is what lets the relay notice a client that stopped reading.
+WS_BACKEND = "websockets-sansio"
+DEFAULT_TOKEN_TTL = "600"
 GRACEFUL_SHUTDOWN_SECONDS = 3
 
 logger = logging.getLogger("relay")
@@ -64,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse calls not signed with RELAY_ACCESS_KEY_ID / RELAY_ACCESS_KEY_SECRET",
     )
     simulate.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
+
+    token = commands.add_parser(
+        "token", help="print an access token for task IDs, signed with RELAY_TOKEN_SECRET"
+    )
+    token.add_argument("task_ids", nargs="+", metavar="TASK_ID", help="task IDs it may watch")
+    token.add_argument(
+        "--ttl", default=DEFAULT_TOKEN_TTL, help="seconds until it expires (default 600)"
+    )
     return parser
 
 
@@ -80,6 +94,11 @@ def setup_logging(level: str) -> None:
 def serve(settings: Settings, log_level: str) -> None:
     from .app import create_app
 
+    if settings.token_secret is not None:
+        try:
+            check_secret(settings.token_secret)
+        except SecretTooShort as exc:
+            raise ConfigError(f"RELAY_TOKEN_SECRET {exc}") from None
     setup_logging(log_level)
     url = f"http://{settings.host}:{settings.port}/"
     if settings.simulated:
@@ -97,7 +116,8 @@ def serve(settings: Settings, log_level: str) -> None:
         log_config=None,
         log_level=log_level,
         access_log=False,
-        ws_max_size=WS_MAX_SIZE,
+        ws=WS_BACKEND,
+        ws_max_size=settings.ws_max_size,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )
@@ -147,6 +167,23 @@ def simulate(args: argparse.Namespace) -> None:
     )
 
 
+def token(args: argparse.Namespace) -> None:
+    secret = os.environ.get("RELAY_TOKEN_SECRET")
+    if not secret:
+        raise ConfigError("RELAY_TOKEN_SECRET is not set: there is no secret to sign with")
+    try:
+        ttl = positive_float(args.ttl)
+    except ValueError as exc:
+        raise ConfigError(f"--ttl {exc}") from None
+    for task_id in args.task_ids:
+        if not is_valid_task_id(task_id):
+            raise ConfigError(invalid_task_id_message(task_id))
+    try:
+        print(mint(secret, args.task_ids, ttl))
+    except SecretTooShort as exc:
+        raise ConfigError(f"RELAY_TOKEN_SECRET {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -156,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             serve(settings, args.log_level)
         elif args.command == "simulate":
             simulate(args)
+        elif args.command == "token":
+            token(args)
     except ConfigError as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import anyio
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
+from .config import Settings
 from .hub import Cursor, Hub, Subscriber
+from .limits import drop_connection, overloaded_response
 from .protocol import (
     ErrorCode,
     Event,
@@ -20,6 +26,9 @@ from .protocol import (
     invalid_task_id_message,
     is_valid_task_id,
 )
+from .tokens import grant
+
+logger = logging.getLogger("relay.sse")
 
 MAX_SEQ = (1 << 63) - 1
 HEADERS = {"Cache-Control": "no-cache"}
@@ -85,9 +94,24 @@ async def stream_events(
             hub.unsubscribe(cursor)
 
 
+class RelayEventSource(EventSourceResponse):
+    """An event stream that resets the connection of a client that stopped reading."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except* SendTimeoutError:
+            logger.info("dropping an SSE client that stopped reading")
+            if drop_connection(receive):
+                # Let the server see the connection go before the response is abandoned,
+                # or it logs a response that never completed.
+                for _ in range(3):
+                    await asyncio.sleep(0)
+
+
 def event_source(request: Request, body: AsyncIterator[bytes], subscriber: Subscriber) -> Response:
     settings = request.app.state.settings
-    return EventSourceResponse(
+    return RelayEventSource(
         body,
         headers=HEADERS,
         ping=settings.ping_interval,
@@ -102,10 +126,16 @@ async def task_events(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     if not is_valid_task_id(task_id):
         return error_response(400, ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id))
+    settings: Settings = request.app.state.settings
+    refusal = grant(settings.token_secret, request.query_params.get("token")).refusal(task_id)
+    if refusal is not None:
+        return error_response(401, ErrorCode.UNAUTHORIZED, refusal)
     hub: Hub = request.app.state.hub
     seq = parse_seq(request.headers.get("last-event-id"))
     if delivered(hub, task_id, seq):
         return Response(status_code=204)
+    if new_loops(hub, [task_id]) > settings.max_loops - hub.loop_count:
+        return overloaded_response("the relay watches as many tasks as it can; retry later")
     subscriber = Subscriber("sse")
     body = stream_events(hub, subscriber, [(task_id, seq)], lambda event, _: event.sse)
     return event_source(request, body, subscriber)
@@ -117,6 +147,11 @@ def delivered(hub: Hub, task_id: str, seq: int | None) -> bool:
     return task is not None and task.delivered_all(seq)
 
 
+def new_loops(hub: Hub, task_ids: list[str]) -> int:
+    """How many of these tasks would need a poll loop the relay does not run yet."""
+    return sum(1 for task_id in task_ids if hub.get(task_id) is None)
+
+
 def multiplexed_frame(event: Event, cursors: list[Cursor]) -> bytes:
     ids = ",".join(f"{c.task.task_id}:{c.seq}" for c in cursors if c.seq is not None)
     return event.sse_multiplexed + (f"id: {ids}\n\n".encode() if ids else b"\n")
@@ -124,7 +159,7 @@ def multiplexed_frame(event: Event, cursors: list[Cursor]) -> bytes:
 
 async def many_task_events(request: Request) -> Response:
     """`GET /v1/events?taskId=A&taskId=B`: one stream for many tasks."""
-    settings = request.app.state.settings
+    settings: Settings = request.app.state.settings
     hub: Hub = request.app.state.hub
     task_ids = list(dict.fromkeys(request.query_params.getlist("taskId")))
     if not task_ids:
@@ -133,21 +168,23 @@ async def many_task_events(request: Request) -> Response:
         message = f"at most {settings.max_stream_tasks} tasks per stream, got {len(task_ids)}"
         return error_response(400, ErrorCode.TOO_MANY_TASKS, message)
     resume = parse_stream_id(request.headers.get("last-event-id"))
-    valid = [task_id for task_id in task_ids if is_valid_task_id(task_id)]
-    invalid = [task_id for task_id in task_ids if not is_valid_task_id(task_id)]
-    if resume and not invalid and all(delivered(hub, t, resume.get(t)) for t in valid):
+    access = grant(settings.token_secret, request.query_params.get("token"))
+    refused: dict[str, dict[str, object]] = {}
+    for task_id in task_ids:
+        if not is_valid_task_id(task_id):
+            refused[task_id] = error_data(
+                ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id)
+            )
+        elif (refusal := access.refusal(task_id)) is not None:
+            refused[task_id] = error_data(ErrorCode.UNAUTHORIZED, refusal)
+    valid = [task_id for task_id in task_ids if task_id not in refused]
+    if resume and not refused and all(delivered(hub, t, resume.get(t)) for t in valid):
         return Response(status_code=204)
+    if new_loops(hub, valid) > settings.max_loops - hub.loop_count:
+        return overloaded_response("the relay watches as many tasks as it can; retry later")
     prelude = b"".join(
-        multiplexed_frame(
-            Event(
-                "error",
-                task_id,
-                None,
-                error_data(ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id)),
-            ),
-            [],
-        )
-        for task_id in invalid
+        multiplexed_frame(Event("error", task_id, None, data), [])
+        for task_id, data in refused.items()
     )
     subscriber = Subscriber("sse")
     subscriptions = [(task_id, resume.get(task_id)) for task_id in valid]

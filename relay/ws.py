@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .config import Settings
 from .hub import Cursor, Hub, Subscriber
+from .limits import drop_connection
 from .origins import origin_allowed
 from .protocol import ErrorCode, Event, dumps, error_data, invalid_task_id_message, is_valid_task_id
+from .tokens import grant
 
 logger = logging.getLogger("relay.ws")
 
-MAX_SUBSCRIPTIONS = 100
 MAX_PENDING_REPLIES = 64
 MAX_SEQ = (1 << 63) - 1
 
@@ -24,21 +27,31 @@ MAX_SEQ = (1 << 63) - 1
 class ClientError(Exception):
     """A client message the relay cannot act on; the socket stays open."""
 
-    def __init__(self, code: ErrorCode, message: str, task_id: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, task_id: str | None = None, *, retrying: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.task_id = task_id
+        self.retrying = retrying
 
     def reply(self) -> str:
         message: dict[str, Any] = {"type": "error"}
         if self.task_id is not None:
             message["taskId"] = self.task_id
-        message["data"] = error_data(self.code, str(self))
+        message["data"] = error_data(self.code, str(self), retrying=self.retrying)
         return dumps(message)
 
 
-def parse_message(text: str) -> tuple[str, str, int | None]:
-    """Read a client message into (type, taskId, lastSeq), or raise ClientError."""
+class ClientMessage(NamedTuple):
+    kind: str
+    task_id: str
+    last_seq: int | None
+    token: object = None
+
+
+def parse_message(text: str) -> ClientMessage:
+    """Read a client message, or raise ClientError."""
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):
@@ -59,16 +72,17 @@ def parse_message(text: str) -> tuple[str, str, int | None]:
         not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq <= MAX_SEQ
     ):
         raise ClientError(ErrorCode.BAD_REQUEST, "lastSeq must be a whole number >= 0", named)
-    return str(kind), str(task_id), last_seq
+    return ClientMessage(str(kind), str(task_id), last_seq, message.get("token"))
 
 
 class Connection:
     """One accepted socket: a reader for client messages, a sender for everything outgoing."""
 
-    def __init__(self, websocket: WebSocket, hub: Hub, send_timeout: float) -> None:
+    def __init__(self, websocket: WebSocket, hub: Hub, settings: Settings) -> None:
         self.websocket = websocket
         self.hub = hub
-        self.send_timeout = send_timeout
+        self.settings = settings
+        self.send_timeout = settings.send_timeout
         self.subscriber = Subscriber("ws")
         self.cursors: dict[str, Cursor] = {}
         self.replies: deque[str] = deque()
@@ -99,20 +113,32 @@ class Connection:
                 self.reply(ClientError(ErrorCode.BAD_REQUEST, "send JSON text frames").reply())
                 continue
             try:
-                self.handle(*parse_message(text))
+                self.handle(parse_message(text))
             except ClientError as error:
                 self.reply(error.reply())
 
-    def handle(self, kind: str, task_id: str, last_seq: int | None) -> None:
+    def handle(self, message: ClientMessage) -> None:
+        task_id = message.task_id
         old = self.cursors.pop(task_id, None)
         if old is not None:
             self.hub.unsubscribe(old)
-        if kind == "unsubscribe":
+        if message.kind == "unsubscribe":
             return
-        if len(self.cursors) >= MAX_SUBSCRIPTIONS:
-            message = f"at most {MAX_SUBSCRIPTIONS} subscriptions per socket"
-            raise ClientError(ErrorCode.BAD_REQUEST, message, task_id)
-        cursor = self.hub.subscribe(task_id, self.subscriber, last_seq)
+        refusal = grant(self.settings.token_secret, message.token).refusal(task_id)
+        if refusal is not None:
+            raise ClientError(ErrorCode.UNAUTHORIZED, refusal, task_id)
+        limit = self.settings.max_ws_subscriptions
+        if len(self.cursors) >= limit:
+            message_text = f"at most {limit} subscriptions per socket"
+            raise ClientError(ErrorCode.TOO_MANY_TASKS, message_text, task_id)
+        if self.hub.get(task_id) is None and self.hub.loop_count >= self.settings.max_loops:
+            raise ClientError(
+                ErrorCode.OVERLOADED,
+                "the relay watches as many tasks as it can; retry later",
+                task_id,
+                retrying=True,
+            )
+        cursor = self.hub.subscribe(task_id, self.subscriber, message.last_seq)
         if cursor.done:
             # The client holds the ended task's last state: confirm the end, nothing more.
             self.hub.unsubscribe(cursor)
@@ -160,14 +186,18 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code=1008)
         return
     await websocket.accept()
-    connection = Connection(websocket, websocket.app.state.hub, settings.send_timeout)
+    connection = Connection(websocket, websocket.app.state.hub, settings)
     try:
         await connection.run()
     except WebSocketDisconnect:
         return
     except TimeoutError:
+        # A close frame would wait behind everything the client did not read: reset instead.
         logger.info("dropping a WebSocket client that stopped reading")
-        await websocket.close(code=1008)
+        if not drop_connection(websocket._receive):
+            with contextlib.suppress(TimeoutError, WebSocketDisconnect):
+                async with asyncio.timeout(1):
+                    await websocket.close(code=1008)
         return
     if connection.subscriber.closing:
         await websocket.close(code=1012)  # service restart: come back soon

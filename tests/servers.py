@@ -40,7 +40,8 @@ class ThreadServer:
             port=self.port,
             log_config=None,
             access_log=False,
-            ws_max_size=64 * 1024,
+            ws="websockets-sansio",
+            ws_max_size=64 * 1024,  # as relay/cli.py serves
             timeout_graceful_shutdown=2,
             lifespan="on",
         )
