@@ -6,6 +6,7 @@ import signal
 import time
 
 import httpx
+import pytest
 import websockets
 
 from relay.simulator import Simulator
@@ -118,8 +119,9 @@ async def test_secret_never_leaves_the_server(http: httpx.AsyncClient) -> None:
         assert SECRET not in text
 
 
-async def test_sigterm_closes_open_streams_and_exits_promptly(
-    upstream: SimulatedUpstream, http: httpx.AsyncClient
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_shutdown_signal_closes_open_streams_and_exits_promptly(
+    upstream: SimulatedUpstream, http: httpx.AsyncClient, signum: int
 ) -> None:
     relay = ProcessServer(["serve", "--upstream", upstream.url, "--poll-interval", "0.2"]).start()
     task_id = upstream.start_task(queue=30, duration=30)
@@ -137,14 +139,14 @@ async def test_sigterm_closes_open_streams_and_exits_promptly(
         while not any(line.startswith("event: snapshot") for line in lines):
             await asyncio.sleep(0.05)
         started = time.monotonic()
-        relay.signal(signal.SIGTERM)
+        relay.signal(signum)
         try:
             await asyncio.wait_for(socket.recv(), 5)
         except websockets.ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code == 1012
         await asyncio.wait_for(reader, 5)
         # uvicorn re-raises the signal once it has shut down cleanly.
-        assert relay.wait(5) in (0, -signal.SIGTERM)
+        assert relay.wait(5) in (0, -signum)
     assert time.monotonic() - started < 5
     assert "Application shutdown complete" in relay.log()
     assert "Traceback" not in relay.log()
