@@ -24,7 +24,13 @@ from .hub import Hub, TaskHub
 from .limits import ConnectionLimit
 from .metrics import Metrics
 from .poll_loop import PollPolicy, poll_task
-from .protocol import ErrorCode, error_response, invalid_task_id_message, is_valid_task_id
+from .protocol import (
+    ErrorCode,
+    error_response,
+    invalid_task_id_message,
+    is_valid_task_id,
+    task_id_in_path,
+)
 from .signing import make_signer
 from .simulator import Simulator
 from .sse import many_task_events, task_events
@@ -66,7 +72,7 @@ class StateLookup:
 
 async def task_state(request: Request) -> Response:
     """`GET /v1/tasks/{taskId}`: the current state, from the running loop when there is one."""
-    task_id = request.path_params["task_id"]
+    task_id = task_id_in_path(request.scope)
     if not is_valid_task_id(task_id):
         return error_response(400, ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id))
     token = request.query_params.get("token")
@@ -91,6 +97,14 @@ async def task_state(request: Request) -> Response:
     except UpstreamUnavailable as exc:
         return error_response(503, ErrorCode.UPSTREAM_UNAVAILABLE, str(exc))
     return JSONResponse(state)
+
+
+async def task_route(request: Request) -> Response:
+    """`/v1/tasks/{taskId}` and `/v1/tasks/{taskId}/events`, told apart on the raw path."""
+    raw = (request.scope.get("raw_path") or request.url.path.encode()).split(b"?", 1)[0]
+    if raw.endswith(b"/events"):
+        return await task_events(request)
+    return await task_state(request)
 
 
 async def healthz(request: Request) -> Response:
@@ -175,8 +189,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/", index),
         Route("/healthz", healthz),
         Route("/metrics", metrics.endpoint),
-        Route("/v1/tasks/{task_id}", task_state),
-        Route("/v1/tasks/{task_id}/events", task_events),
+        Route("/v1/tasks/{rest:path}", task_route),
         Route("/v1/events", many_task_events),
         WebSocketRoute("/v1/ws", websocket_endpoint),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),

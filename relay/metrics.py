@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -72,6 +74,12 @@ class Metrics:
             ["operation"],
             registry=self.registry,
         )
+        self.asyncio_tasks = Gauge(
+            "relay_asyncio_tasks",
+            "asyncio tasks alive in the relay's event loop (leak detector)",
+            registry=self.registry,
+        )
+        self.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks()))
         for transport in ("sse", "ws"):
             self.subscribers.labels(transport)
             self.messages.labels(transport)

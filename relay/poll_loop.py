@@ -81,6 +81,11 @@ async def poll_once(
         delay = policy.backoff(failures + 1, exc.retry_after)
         logger.warning("task %s: %s; retry %d in %.1fs", task_id, exc, failures + 1, delay)
         return Polled(fault=f"{exc}; retrying", delay=delay)
+    except Exception:
+        # Whatever the upstream sent, the loop must live on to deliver the final state.
+        delay = policy.backoff(failures + 1)
+        logger.exception("task %s: unexpected error reading the upstream", task_id)
+        return Polled(fault="the relay could not read the upstream's answer; retrying", delay=delay)
     if state["status"] == "succeeded" and policy.fetch_result:
         state = await with_result(upstream, task_id, state, policy.request_timeout)
     return Polled(state=state, delay=policy.next_interval(state))

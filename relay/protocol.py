@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, Literal
+from urllib.parse import unquote
 
 from starlette.responses import JSONResponse
 
@@ -32,6 +34,18 @@ def is_valid_task_id(value: object) -> bool:
 def invalid_task_id_message(value: object) -> str:
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
     return f"task ID must be 1 to 128 characters of A-Z, a-z, 0-9, '_' and '-', got {shown}"
+
+
+def task_id_in_path(scope: Mapping[str, Any], prefix: str = "/v1/tasks/") -> str:
+    """The task ID segment of `/v1/tasks/{id}[/events]`, percent-decoded.
+
+    Read from the raw path: the server decodes `%2F` to `/` before routing, so a
+    decoded path cannot tell the ID `a/events` from the events of task `a`.
+    """
+    raw = scope.get("raw_path") or scope["path"].encode()
+    rest = raw.decode("latin-1").split("?", 1)[0].removeprefix(prefix)
+    segment = rest.removesuffix("/events")
+    return unquote(segment, errors="replace")
 
 
 def error_data(code: ErrorCode, message: str, *, retrying: bool = False) -> dict[str, Any]:

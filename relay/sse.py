@@ -25,6 +25,7 @@ from .protocol import (
     error_response,
     invalid_task_id_message,
     is_valid_task_id,
+    task_id_in_path,
 )
 from .tokens import grant
 
@@ -38,6 +39,8 @@ def parse_seq(value: str | None) -> int | None:
     """A sequence number from a client, or None for anything that is not one."""
     if value is None or not value.isascii() or not value.strip().isdigit():
         return None
+    if len(value.strip()) > len(str(MAX_SEQ)):
+        return None  # also keeps int() away from its digit limit
     seq = int(value.strip())
     return seq if seq <= MAX_SEQ else None
 
@@ -123,7 +126,7 @@ def event_source(request: Request, body: AsyncIterator[bytes], subscriber: Subsc
 
 async def task_events(request: Request) -> Response:
     """`GET /v1/tasks/{taskId}/events`"""
-    task_id = request.path_params["task_id"]
+    task_id = task_id_in_path(request.scope)
     if not is_valid_task_id(task_id):
         return error_response(400, ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id))
     settings: Settings = request.app.state.settings

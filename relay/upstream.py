@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ NOT_FOUND_CODE = "B_COMPUTING_CanNotFindTask"
 STATUSES = frozenset({"waiting", "running", "succeeded", "failed"})
 TERMINAL = frozenset({"succeeded", "failed"})
 MAX_BODY_BYTES = 1 << 20
+MAX_DEPTH = 32
 
 
 class UpstreamError(Exception):
@@ -157,10 +159,7 @@ class UpstreamClient:
             raise Unauthorized(f"upstream refused the call: HTTP {status} {gateway_error or ''}")
         if status >= 400:
             raise UpstreamUnavailable(f"upstream answered HTTP {status}")
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise UpstreamUnavailable("upstream body is not JSON") from None
+        return parse_json(raw)
 
 
 @asynccontextmanager
@@ -185,6 +184,46 @@ async def read_limited(response: httpx.Response) -> bytes:
     return b"".join(chunks)
 
 
+def reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON a browser can read")
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON, as browsers read it: no NaN or Infinity, nothing nested past MAX_DEPTH."""
+    try:
+        value = json.loads(raw, parse_constant=reject_constant, parse_float=finite_float)
+    except (ValueError, RecursionError):
+        raise UpstreamUnavailable("upstream body is not JSON") from None
+    if nesting_depth(value) > MAX_DEPTH:
+        raise UpstreamUnavailable(f"upstream body is nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep objects and arrays nest in a JSON value (iteratively: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def read_envelope(envelope: Any, task_id: str) -> dict[str, Any]:
     """The `data` of an API envelope, or the error it stands for."""
     if not isinstance(envelope, dict):
@@ -197,5 +236,11 @@ def read_envelope(envelope: Any, task_id: str) -> dict[str, Any]:
     data = envelope.get("data")
     if not isinstance(data, dict):
         raise UpstreamUnavailable("upstream envelope has no data object")
+    if nesting_depth(data) > MAX_DEPTH:
+        raise UpstreamUnavailable(f"upstream data is nested deeper than {MAX_DEPTH} levels")
+    try:
+        json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
+    except (UnicodeEncodeError, ValueError):
+        raise UpstreamUnavailable("upstream data is not valid Unicode JSON") from None
     cleaned: dict[str, Any] = drop_nulls(data)
     return cleaned

@@ -60,6 +60,11 @@ def parse_message(text: str) -> ClientMessage:
         raise ClientError(ErrorCode.BAD_REQUEST, "message must be a JSON object")
     task_id = message.get("taskId")
     named = task_id if isinstance(task_id, str) and len(task_id) <= 256 else None
+    if named is not None and not named.isascii():
+        try:
+            named.encode()
+        except UnicodeEncodeError:  # a lone surrogate cannot go out in a text frame
+            named = None
     kind = message.get("type")
     if kind not in ("subscribe", "unsubscribe"):
         raise ClientError(

@@ -21,6 +21,19 @@ class SSEEvent:
     id: str | None
 
 
+async def event_stream_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """Lines as SSE splits them: at CR, LF or CRLF only (U+2028 and U+0085 are data)."""
+    buffer = ""
+    async for chunk in response.aiter_text():
+        buffer += chunk
+        # A CR at the end may be the first half of a CRLF split across chunks: keep it.
+        held = "\r" if buffer.endswith("\r") else ""
+        lines = buffer.removesuffix(held).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        buffer = lines.pop() + held
+        for line in lines:
+            yield line
+
+
 async def sse_events(
     client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
 ) -> AsyncIterator[SSEEvent]:
@@ -29,7 +42,7 @@ async def sse_events(
         assert response.status_code == 200, (response.status_code, await response.aread())
         assert response.headers["content-type"].startswith("text/event-stream")
         fields: dict[str, str] = {}
-        async for line in response.aiter_lines():
+        async for line in event_stream_lines(response):
             if line == "":
                 if "data" in fields:
                     yield SSEEvent(
