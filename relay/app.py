@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -97,6 +98,22 @@ async def task_state(request: Request) -> Response:
     except UpstreamUnavailable as exc:
         return error_response(503, ErrorCode.UPSTREAM_UNAVAILABLE, str(exc))
     return JSONResponse(state)
+
+
+class AnyTextConvertor(Convertor[str]):
+    """Starlette's `path`, newlines included, so that every `/v1/tasks/...` reaches
+    `task_route` and a bad ID gets `invalid_task_id`, not a plain-text 404."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anytext", AnyTextConvertor())
 
 
 async def task_route(request: Request) -> Response:
@@ -189,7 +206,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/", index),
         Route("/healthz", healthz),
         Route("/metrics", metrics.endpoint),
-        Route("/v1/tasks/{rest:path}", task_route),
+        Route("/v1/tasks/{rest:anytext}", task_route),
         Route("/v1/events", many_task_events),
         WebSocketRoute("/v1/ws", websocket_endpoint),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),

@@ -287,8 +287,12 @@ def wait_until_idle(stage: Stage, time_limit: float = 10.0) -> None:
 
 
 def path_segment(task_id: str) -> str:
-    """Percent-encode everything, dots too, so no client or server reads the ID as a path."""
-    return quote(task_id, safe="").replace(".", "%2E")
+    """Percent-encode everything, dots too, so no client or server reads the ID as a path.
+
+    A lone surrogate goes out as the bytes it would have in UTF-16-minded clients
+    (invalid UTF-8), which the relay must refuse like any other bad ID.
+    """
+    return quote(task_id, safe="", errors="surrogatepass").replace(".", "%2E")
 
 
 def assert_json_error(answer: Answer, codes: set[str]) -> None:
@@ -339,6 +343,9 @@ task_id_texts = st.one_of(
 @example(task_id="x" * 128)
 @example(task_id="x" * 129)
 @example(task_id="é")
+@example(task_id="\n")
+@example(task_id="a\nb")
+@example(task_id="\ud800")
 def test_invalid_task_ids_get_a_json_4xx_and_never_reach_the_upstream(
     stage: Stage, task_id: str
 ) -> None:
@@ -371,13 +378,17 @@ raw_queries = st.lists(
 
 
 def encode_pairs(pairs: list[tuple[str, str]]) -> str:
-    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
+    return "&".join(f"{url_part(k)}={url_part(v)}" for k, v in pairs)
+
+
+def url_part(text: str) -> str:
+    return quote(text, safe="", errors="surrogatepass")
 
 
 queries = st.one_of(
     param_pairs.map(encode_pairs),
     st.tuples(task_id_texts, st.integers(1, 3000)).map(
-        lambda t: "&".join([f"taskId={quote(t[0], safe='')}"] * t[1])
+        lambda t: "&".join([f"taskId={url_part(t[0])}"] * t[1])
     ),
     st.lists(valid_task_ids, min_size=30, max_size=40).map(
         lambda ids: encode_pairs([("taskId", i) for i in ids])
