@@ -194,6 +194,7 @@ class Simulator:
             routes=[
                 Route("/scc/comfy_get_progress", self.get_progress, methods=["POST"]),
                 Route("/scc/comfy_get_result", self.get_result, methods=["POST"]),
+                Route("/healthz", self.get_health, methods=["GET"]),
                 *self.control_routes(),
             ]
         )
@@ -314,6 +315,9 @@ class Simulator:
             return JSONResponse({"code": "bad_request", "message": str(exc)}, status_code=400)
         task = self.start_task(queue=queue, duration=duration, fail=fail)
         return JSONResponse({"taskId": task.task_id}, status_code=201)
+
+    async def get_health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
 
     async def get_stats(self, request: Request) -> Response:
         return JSONResponse(

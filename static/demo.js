@@ -5,6 +5,7 @@
 //   duration=S queue=S fail=true|false   simulation options
 //   watch=ID[,ID...]   watch these task IDs on load
 //   start=N            start N simulated tasks on load
+//   token=JWT          access token for every subscription (relays with RELAY_TOKEN_SECRET)
 //
 // For tests: window.relayStates[taskId] holds the client's current state,
 // window.relayConnectionLog the connection states seen, in order.
@@ -56,6 +57,7 @@ const PART_TEXT = {
   down: "down",
 };
 const WATCH_HINT = els.watchHint.innerHTML;
+const TOKEN = new URLSearchParams(location.search).get("token") || undefined;
 
 /** taskId -> card record */
 const cards = new Map();
@@ -282,6 +284,7 @@ function watch(taskId, transport = currentTransport(), { focus = false } = {}) {
   els.tasks.prepend(card.el);
   card.unsubscribe = subscribe(taskId, {
     transport,
+    token: TOKEN,
     onState(state) {
       window.relayStates[taskId] = state;
       renderState(card, state);
@@ -300,8 +303,9 @@ function watch(taskId, transport = currentTransport(), { focus = false } = {}) {
       const notFound = err.code === "task_not_found";
       setStatus(card, "error");
       card.el.dataset.errorCode = err.code ?? "error";
-      card.parts.statusText.textContent = notFound ? "Not found" : "Error";
-      card.parts.node.textContent = notFound ? "Unknown task" : (err.code ?? "Error");
+      const unauthorized = err.code === "unauthorized";
+      card.parts.statusText.textContent = notFound ? "Not found" : unauthorized ? "Refused" : "Error";
+      card.parts.node.textContent = notFound ? "Unknown task" : unauthorized ? "Not authorized" : (err.code ?? "Error");
       card.parts.message.textContent = err.message ?? "";
       card.parts.bar.setAttribute("aria-valuetext", notFound ? "Error: unknown task" : "Error");
       finish(card, "error");

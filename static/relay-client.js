@@ -136,16 +136,33 @@ function url(path) {
 // calls for it.
 
 class TaskEntry {
-  constructor(taskId, transport) {
+  constructor(taskId, transport, token) {
     this.taskId = taskId;
     this.transport = transport;
+    this.token = token; // string, or a function returning one, or undefined
     this.state = undefined;
     this.seq = undefined;
     this.handlers = new Set();
+    this.attempts = 0; // WebSocket: resubscriptions after "overloaded"
+    this.retryTimer = null;
+  }
+
+  currentToken() {
+    let token = this.token;
+    if (typeof token === "function") {
+      try {
+        token = token();
+      } catch (error) {
+        report(error);
+        token = undefined;
+      }
+    }
+    return typeof token === "string" && token !== "" ? token : undefined;
   }
 
   snapshot(data, seq) {
     this.state = data;
+    this.attempts = 0;
     if (seq !== undefined) this.seq = seq;
     this.emit("snapshot", undefined);
   }
@@ -260,6 +277,8 @@ function wsSend(message) {
 function wsSubscribeMessage(entry) {
   const message = { type: "subscribe", taskId: entry.taskId };
   if (entry.seq !== undefined) message.lastSeq = entry.seq;
+  const token = entry.currentToken();
+  if (token !== undefined) message.token = token;
   return message;
 }
 
@@ -342,15 +361,20 @@ function wsHandle(message) {
       break;
     case "end":
       ws.tasks.delete(entry.taskId);
+      clearTimeout(entry.retryTimer);
       entry.end(message.data?.status);
       wsMaybeIdle();
       break;
     case "error": {
       const err = message.data ?? {};
       if (err.retrying === true) {
+        // "overloaded" refused the subscription: ask again later. Other retrying
+        // errors (upstream_unavailable) are retried by the relay itself.
+        if (err.code === "overloaded") wsResubscribeLater(entry);
         entry.error(err);
       } else {
         ws.tasks.delete(entry.taskId);
+        clearTimeout(entry.retryTimer);
         entry.error(err);
         wsMaybeIdle();
       }
@@ -359,6 +383,14 @@ function wsHandle(message) {
     default:
       break;
   }
+}
+
+function wsResubscribeLater(entry) {
+  clearTimeout(entry.retryTimer);
+  entry.retryTimer = setTimeout(() => {
+    entry.retryTimer = null;
+    if (ws.tasks.get(entry.taskId) === entry) wsSend(wsSubscribeMessage(entry));
+  }, backoffDelay(entry.attempts++));
 }
 
 function wsAdd(entry) {
@@ -370,7 +402,10 @@ function wsAdd(entry) {
 }
 
 function wsRemove(taskId) {
-  if (!ws.tasks.delete(taskId)) return;
+  const entry = ws.tasks.get(taskId);
+  if (!entry) return;
+  ws.tasks.delete(taskId);
+  clearTimeout(entry.retryTimer);
   wsSend({ type: "unsubscribe", taskId });
   wsMaybeIdle();
 }
@@ -404,13 +439,14 @@ const sse = {
   tasks: new Map(), // live "sse" subscriptions
   streams: new Set(),
   attempts: 0,
-  retryTimer: null,
+  retryTimer: null, // waiting out a backoff
+  probing: false, // asking the relay why it refused a stream
   reconcileQueued: false,
   recovering: false, // a stream failed, not yet back
 };
 
 function sseState() {
-  if (sse.retryTimer) return "down";
+  if (sse.retryTimer || sse.probing) return "down";
   if (sse.streams.size === 0) return sse.tasks.size ? "connecting" : "idle";
   const states = [...sse.streams].map((s) => s.state);
   return ["down", "reconnecting", "connecting"].find((s) => states.includes(s)) ?? "open";
@@ -426,8 +462,9 @@ function sseScheduleReconcile() {
   }, 0);
 }
 
+/** Open, re-open or close streams so that every live task is on exactly one. */
 function sseReconcile() {
-  if (sse.retryTimer) return; // waiting out a backoff; it reconciles when it fires
+  if (sse.retryTimer || sse.probing) return; // it reconciles when done
   let covered = 0;
   let rebuild = false;
   for (const stream of sse.streams) {
@@ -438,26 +475,40 @@ function sseReconcile() {
   if (covered !== sse.tasks.size) rebuild = true;
   if (rebuild) {
     for (const stream of sse.streams) sseCloseStream(stream);
-    const ids = [...sse.tasks.keys()];
+    // A stream carries one token: tasks are grouped by token, then chunked.
+    const groups = new Map();
+    for (const entry of sse.tasks.values()) {
+      const token = entry.currentToken();
+      if (!groups.has(token)) groups.set(token, []);
+      groups.get(token).push(entry.taskId);
+    }
     const size = Math.max(1, config.maxTasksPerStream);
-    for (let i = 0; i < ids.length; i += size) sseOpenStream(ids.slice(i, i + size));
+    for (const [token, ids] of groups) {
+      for (let i = 0; i < ids.length; i += size) sseOpenStream(ids.slice(i, i + size), token);
+    }
   }
   updateConnection();
 }
 
-function sseOpenStream(ids) {
-  const single = ids.length === 1;
+function sseUrl(ids, token) {
   let target;
-  if (single) {
+  if (ids.length === 1) {
     target = url(`v1/tasks/${encodeURIComponent(ids[0])}/events`);
   } else {
     target = url("v1/events");
     for (const id of ids) target.searchParams.append("taskId", id);
   }
-  const es = new EventSource(target.href, { withCredentials: config.sseWithCredentials });
+  if (token !== undefined) target.searchParams.set("token", token);
+  return target.href;
+}
+
+function sseOpenStream(ids, token) {
+  const single = ids.length === 1;
+  const es = new EventSource(sseUrl(ids, token), { withCredentials: config.sseWithCredentials });
   const stream = {
     es,
-    single,
+    ids,
+    token,
     live: new Set(ids),
     stale: false,
     state: sse.recovering ? "reconnecting" : "connecting",
@@ -556,9 +607,11 @@ function sseCloseStream(stream) {
 }
 
 /**
- * The browser gave up on a stream (a non-200 answer such as the 204 for a task
- * that already ended, or a failure it deems final). Tasks whose last state is
- * terminal are over; the others are re-opened after a backoff.
+ * The browser gave up on a stream: the relay answered something other than an
+ * event stream (the 204 for tasks that already ended, a 4xx, a 503), or the
+ * browser deems the failure final. EventSource does not say which, so ask the
+ * same URL once and act on the status: tasks whose last state is terminal are
+ * over, a 4xx is a final error, anything else is retried after a backoff.
  */
 function sseStreamClosed(stream) {
   sseCloseStream(stream);
@@ -569,13 +622,74 @@ function sseStreamClosed(stream) {
       entry.end(entry.state.status);
     }
   }
-  if (sse.tasks.size === 0) return;
+  if (stream.live.size === 0) return;
   sse.recovering = true;
   clearTimeout(sse.retryTimer);
-  sse.retryTimer = setTimeout(() => {
-    sse.retryTimer = null;
-    sseReconcile();
-  }, backoffDelay(sse.attempts++));
+  sse.retryTimer = null;
+  sse.probing = true;
+  const ids = [...stream.live];
+  sseProbe(sseUrl(ids, stream.token)).then(({ status, body, retryAfter }) => {
+    sse.probing = false;
+    const entries = ids.map((id) => sse.tasks.get(id)).filter(Boolean);
+    const code = typeof body?.code === "string" ? body.code : undefined;
+    if (status === 400 && code === "too_many_tasks" && ids.length > 1) {
+      // the relay's cap is lower than ours: use smaller streams
+      config.maxTasksPerStream = Math.max(1, Math.floor(ids.length / 2));
+      sseReconcile();
+      return;
+    }
+    if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
+      const err = {
+        code: code ?? (status === 401 || status === 403 ? "unauthorized" : "bad_request"),
+        message: typeof body?.message === "string" ? body.message : `the relay answered HTTP ${status}`,
+        retrying: false,
+      };
+      for (const entry of entries) {
+        sse.tasks.delete(entry.taskId);
+        entry.error(err);
+      }
+      sseReconcile();
+      return;
+    }
+    if (status === 429 || status === 503) {
+      const err = { code: code ?? "overloaded", message: body?.message ?? `HTTP ${status}`, retrying: true };
+      for (const entry of entries) entry.error(err);
+    }
+    if (sse.tasks.size === 0) {
+      updateConnection();
+      return;
+    }
+    const delay = Math.max(backoffDelay(sse.attempts++), retryAfter * 1000);
+    clearTimeout(sse.retryTimer);
+    sse.retryTimer = setTimeout(() => {
+      sse.retryTimer = null;
+      sseReconcile();
+    }, Math.min(delay, config.backoffMaxMs * 4));
+    updateConnection();
+  });
+}
+
+/** GET a stream URL just for its status (and error body); 0 when unreachable. */
+async function sseProbe(target) {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), 10000);
+  try {
+    const response = await fetch(target, {
+      signal: controller.signal,
+      headers: { accept: "text/event-stream" },
+      cache: "no-store",
+      credentials: config.sseWithCredentials ? "include" : "same-origin",
+    });
+    const retryAfter = Number(response.headers.get("retry-after")) || 0;
+    let body = null;
+    if (response.status >= 400) body = await response.json().catch(() => null);
+    return { status: response.status, body, retryAfter };
+  } catch {
+    return { status: 0, body: null, retryAfter: 0 };
+  } finally {
+    clearTimeout(timer);
+    controller.abort(); // a 200 is a live stream: drop it, EventSource re-opens
+  }
 }
 
 function sseAdd(entry) {
@@ -626,6 +740,10 @@ if (typeof globalThis.addEventListener === "function") {
  *   `onError` with code "invalid_task_id" and subscribes to nothing.
  * @param {object} [options]
  * @param {"sse"|"ws"} [options.transport="sse"] Server-Sent Events or the shared WebSocket.
+ * @param {string | (() => string)} [options.token] Access token, when the relay requires
+ *   them (`RELAY_TOKEN_SECRET`); a function is called again at every (re)subscription, so
+ *   it can hand out a fresh one. SSE tasks with the same token share a stream: mint one
+ *   token for all the tasks a page shows.
  * @param {(state: object, info: {taskId: string, seq?: number, kind: "snapshot"|"patch", patch?: object}) => void} [options.onState]
  *   Called with the whole current state after every snapshot and patch. Treat
  *   it as read-only: unchanged parts are shared between calls.
@@ -638,7 +756,7 @@ if (typeof globalThis.addEventListener === "function") {
  * @returns {() => void} unsubscribe (safe to call more than once, or after the end)
  */
 export function subscribe(taskId, options = {}) {
-  const { transport = "sse", onState, onEnd, onError } = options;
+  const { transport = "sse", token, onState, onEnd, onError } = options;
   if (transport !== "sse" && transport !== "ws") {
     throw new TypeError(`relay-client: transport must be "sse" or "ws", not ${JSON.stringify(transport)}`);
   }
@@ -658,6 +776,7 @@ export function subscribe(taskId, options = {}) {
   let entry = registry.get(taskId);
   if (entry) {
     entry.handlers.add(handler);
+    if (entry.token === undefined) entry.token = token;
     if (entry.state !== undefined) {
       queueMicrotask(() => {
         if (entry.handlers.has(handler) && entry.state !== undefined) {
@@ -666,7 +785,7 @@ export function subscribe(taskId, options = {}) {
       });
     }
   } else {
-    entry = new TaskEntry(taskId, transport);
+    entry = new TaskEntry(taskId, transport, token);
     entry.handlers.add(handler);
     if (transport === "ws") wsAdd(entry);
     else sseAdd(entry);

@@ -25,6 +25,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from .rfc7396 import EXAMPLES as RFC7396
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -67,14 +69,14 @@ def free_port() -> int:
 class Process:
     """A `python -m relay ...` subprocess with its output in a log file."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.args = [sys.executable, "-m", "relay", *args]
         self.log = Path(tempfile.mkstemp(prefix="relay-", suffix=".log")[1])
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-        env["PYTHONUNBUFFERED"] = "1"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        environ.update(env or {}, PYTHONUNBUFFERED="1")
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                self.args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                self.args, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT
             )
 
     def output(self) -> str:
@@ -117,9 +119,11 @@ class Servers:
     def __init__(self) -> None:
         self.processes: list[Process] = []
 
-    async def relay(self, port: int | None = None, *extra: str) -> tuple[Process, str]:
+    async def relay(
+        self, port: int | None = None, *extra: str, env: dict[str, str] | None = None
+    ) -> tuple[Process, str]:
         port = port or free_port()
-        process = Process("serve", "--port", str(port), "--poll-interval", POLL, *extra)
+        process = Process("serve", "--port", str(port), "--poll-interval", POLL, *extra, env=env)
         self.processes.append(process)
         base = f"http://127.0.0.1:{port}"
         await process.wait_healthy(f"{base}/healthz")
@@ -463,26 +467,6 @@ async def test_sse_tasks_coming_and_going(servers: Servers, page: Page) -> None:
     assert streams[-1].count("taskId=") == 5, streams
 
 
-RFC7396_EXAMPLES = [
-    # RFC 7396, appendix A
-    ({"a": "b"}, {"a": "c"}, {"a": "c"}),
-    ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
-    ({"a": "b"}, {"a": None}, {}),
-    ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
-    ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
-    ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
-    ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
-    ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
-    (["a", "b"], ["c", "d"], ["c", "d"]),
-    ({"a": "b"}, ["c"], ["c"]),
-    ({"a": "foo"}, None, None),
-    ({"a": "foo"}, "bar", "bar"),
-    ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
-    ([1, 2], {"a": "b", "c": None}, {"a": "b"}),
-    ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
-]
-
-
 @pytest.mark.timeout(60)
 async def test_merge_patch_in_the_browser(servers: Servers, page: Page) -> None:
     """relay-client.js applies RFC 7396 exactly, without touching its input."""
@@ -497,11 +481,9 @@ async def test_merge_patch_in_the_browser(servers: Servers, page: Page) -> None:
                 return [result === undefined ? null : result, JSON.stringify(target) === before];
             });
         }""",
-        [[target, patch] for target, patch, _ in RFC7396_EXAMPLES],
+        [[target, patch] for target, patch, _ in RFC7396],
     )
-    for (target, patch, expected), (result, untouched) in zip(
-        RFC7396_EXAMPLES, results, strict=True
-    ):
+    for (target, patch, expected), (result, untouched) in zip(RFC7396, results, strict=True):
         assert result == expected, (target, patch)
         assert untouched, (target, patch)
     polluted = await page.evaluate(
@@ -513,3 +495,55 @@ async def test_merge_patch_in_the_browser(servers: Servers, page: Page) -> None:
         }"""
     )
     assert polluted == [None, True, '{"__proto__":{"polluted":1}}']
+
+
+TOKEN_SECRET = "browser-tests-secret-0123456789abcdef"
+
+
+def mint_token(*task_ids: str) -> str:
+    env = {**os.environ, "RELAY_TOKEN_SECRET": TOKEN_SECRET}
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "token", *task_ids, "--ttl", "120"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_access_tokens(servers: Servers, page: Page, transport: str) -> None:
+    """With tokens on, the page's token opens its tasks; a refusal is final, not retried."""
+    _, base = await servers.relay(None, env={"RELAY_TOKEN_SECRET": TOKEN_SECRET})
+    allowed = await start_sim_task(base, duration=1.5, queue=0, fail=False)
+    other = await start_sim_task(base, duration=1.5, queue=0, fail=False)
+    streams = record_event_sources(page)
+    await open_demo(page, base, transport=transport, token=mint_token(allowed))
+
+    await watch(page, allowed)
+    await expect(card(page, allowed)).to_have_attribute("data-status", "succeeded")
+    await watch(page, other)
+    await expect(card(page, other)).to_have_attribute("data-status", "error")
+    await expect(card(page, other)).to_have_attribute("data-error-code", "unauthorized")
+    await expect(page.locator("#connection")).to_have_attribute(
+        "data-state", "idle", timeout=10_000
+    )
+    count = len(streams)
+    await asyncio.sleep(1.5)  # longer than a reconnect would wait
+    assert len(streams) == count, streams
+
+
+@pytest.mark.timeout(60)
+async def test_relay_with_a_lower_stream_cap(servers: Servers, page: Page) -> None:
+    """A relay that allows fewer tasks per stream than the client's default: smaller streams."""
+    _, base = await servers.relay(None, "--max-stream-tasks", "4")
+    streams = record_event_sources(page)
+    await open_demo(page, base, transport="sse", duration="2", queue="0", fail="false")
+    await page.get_by_role("button", name="Start 5").click()
+    await expect(page.locator('li.card[data-status="succeeded"]')).to_have_count(5)
+    assert streams[0].count("taskId=") == 5, streams  # refused with 400 too_many_tasks
+    assert all(url.count("taskId=") <= 4 for url in streams[1:]), streams
