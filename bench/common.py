@@ -186,12 +186,36 @@ def start_fixed_upstream() -> Server:
     return Server("fixed-upstream", argv, port, "/healthz")
 
 
-def start_relay(upstream: str, poll_interval: float, *extra: str) -> Server:
+def gc_wrapped(module: str, gc_stats: Path | None, options: Sequence[str] = ()) -> list[str]:
+    """`python -m module`, or under bench/gcwrap.py writing its collections to `gc_stats`."""
+    if gc_stats is None:
+        return [PYTHON, "-m", module]
+    return [PYTHON, "-m", "bench.gcwrap", str(gc_stats), *options, module]
+
+
+def read_gc(gc_stats: Path | None) -> dict[str, float]:
+    """Collections and seconds spent in them so far, all generations and the full ones."""
+    if gc_stats is None or not gc_stats.exists():
+        return {}
+    data = json.loads(gc_stats.read_text())
+    return {
+        "seconds": sum(v["seconds"] for v in data.values()),
+        "full_seconds": data["2"]["seconds"],
+        "full": data["2"]["collections"],
+        "full_max_ms": data["2"]["max_ms"],
+    }
+
+
+def start_relay(
+    upstream: str,
+    poll_interval: float,
+    *extra: str,
+    gc_stats: Path | None = None,
+    gc_options: Sequence[str] = (),
+) -> Server:
     port = free_port()
     argv = [
-        PYTHON,
-        "-m",
-        "relay",
+        *gc_wrapped("relay", gc_stats, gc_options),
         "serve",
         "--port",
         str(port),
@@ -201,15 +225,19 @@ def start_relay(upstream: str, poll_interval: float, *extra: str) -> Server:
         str(poll_interval),
         "--log-level",
         "warning",
+        # Room for a 10k run plus stragglers of the one before (the default cap is 10,000).
+        "--max-connections",
+        "15000",
         *extra,
     ]
     return Server("relay", argv, port, "/healthz")
 
 
-def start_minimal(interval: float) -> Server:
+def start_minimal(interval: float, gc_stats: Path | None = None) -> Server:
     """The stack's own limit: Starlette + sse-starlette / WebSocket pushing pre-encoded frames."""
     port = free_port()
-    argv = [PYTHON, "-m", "bench.minimal_server", "--port", str(port), "--interval", str(interval)]
+    argv = [*gc_wrapped("bench.minimal_server", gc_stats), "--port", str(port)]
+    argv += ["--interval", str(interval)]
     return Server("minimal", argv, port, "/healthz")
 
 

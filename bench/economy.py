@@ -42,8 +42,8 @@ def create_tasks(sim_url: str, count: int, duration: float) -> list[str]:
 
 
 def calls_per_minute(
-    sim_url: str, tasks: list[str], window: float, relay_cpu: Any
-) -> tuple[dict[str, float], float, float]:
+    sim_url: str, tasks: list[str], window: float, relay_cpu: Any, sim_cpu: Any = None
+) -> tuple[dict[str, float], float, float, float]:
     """Per-task upstream calls per minute over one window; also relay CPU s and wall s.
 
     Counting whole calls in a 20 s window is only good to one call in 20 (5%), so the
@@ -52,7 +52,8 @@ def calls_per_minute(
     middle of the sampling step that saw them).
     """
     samples: list[tuple[float, dict[str, int]]] = []
-    c0, t0 = relay_cpu(), time.monotonic()
+    sim_cpu = sim_cpu or (lambda: 0.0)
+    c0, s0, t0 = relay_cpu(), sim_cpu(), time.monotonic()
     while True:
         now = time.monotonic()
         calls = http_json("GET", sim_url + "/sim/stats")["calls"]
@@ -60,7 +61,7 @@ def calls_per_minute(
         if now - t0 >= window:
             break
         time.sleep(max(0.0, SAMPLE_EVERY - (time.monotonic() - now)))
-    c1, t1 = relay_cpu(), time.monotonic()
+    c1, s1, t1 = relay_cpu(), sim_cpu(), time.monotonic()
     rates = {}
     for task in tasks:
         counts = [(t, calls.get(task, 0)) for t, calls in samples]
@@ -72,7 +73,7 @@ def calls_per_minute(
             rates[task] = (last_n - first_n) * 60 / (last_t - first_t)
         else:
             rates[task] = (counts[-1][1] - counts[0][1]) * 60 / (t1 - t0)
-    return rates, c1 - c0, t1 - t0
+    return rates, c1 - c0, t1 - t0, s1 - s0
 
 
 def single_task(
@@ -96,7 +97,7 @@ def single_task(
         log(f"economy: {ready} subscribers on {len(spec)} tasks in {took:.1f} s")
         time.sleep(1.0)
         everything = [t for ts in tasks.values() for t in ts] + mixed_tasks
-        rates, _, wall = calls_per_minute(sim_url, everything, window, relay.cpu)
+        rates, _, wall, _ = calls_per_minute(sim_url, everything, window, relay.cpu)
     finally:
         for load in loads:
             load.stop()
@@ -143,18 +144,18 @@ def single_task(
     return body
 
 
-def many_tasks(sim_url: str, relay: Any, counts: list[int], window: float) -> str:
+def many_tasks(sim: Any, relay: Any, counts: list[int], window: float) -> str:
     """Part two: many tasks, one subscriber each."""
     rows = []
     for count in counts:
-        tasks = create_tasks(sim_url, count, window + 60)
+        tasks = create_tasks(sim.url, count, window + 60)
         load = LoadGroup(relay.url, "sse", [(t, 1) for t in tasks])
         try:
             started = time.monotonic()
             ready = load.wait_ready()
             log(f"economy: {ready} tasks with one subscriber in {time.monotonic() - started:.1f} s")
             time.sleep(1.0)
-            rates, cpu, wall = calls_per_minute(sim_url, tasks, window, relay.cpu)
+            rates, cpu, wall, sim_cpu = calls_per_minute(sim.url, tasks, window, relay.cpu, sim.cpu)
         finally:
             load.stop()
         total = sum(rates.values()) / 60
@@ -165,6 +166,7 @@ def many_tasks(sim_url: str, relay: Any, counts: list[int], window: float) -> st
                 f"{60 / INTERVAL:.0f}",
                 f"{total:,.0f} of {count / INTERVAL:,.0f}",
                 f"{cpu / wall * 100:.0f}",
+                f"{sim_cpu / wall * 100:.0f}",
                 f"{cpu / max(total * wall, 1) * 1000:.2f}",
                 "1 (one subscriber each)",
             ]
@@ -177,6 +179,7 @@ def many_tasks(sim_url: str, relay: Any, counts: list[int], window: float) -> st
             "one poll per interval",
             "upstream calls / s",
             "relay CPU %",
+            "simulator CPU %",
             "relay CPU ms / upstream call",
             "relay / naive",
         ],
@@ -188,6 +191,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--window", type=float, default=20.0, help="seconds, scaled to a minute")
     parser.add_argument("--many", default="200,1000", help="task counts for part two")
+    parser.add_argument(
+        "--part", choices=["one", "many", "both"], default="both", help="which part to run"
+    )
     parser.add_argument("--quick", action="store_true", help="10 s windows, fewer tasks")
     args = parser.parse_args()
     # (subscribers, tasks): more tasks where they are cheap, to average out whole calls.
@@ -198,17 +204,19 @@ def main() -> None:
         groups, mixed = [(1, 3), (10, 3), (100, 1), (1000, 1)], 0
     sim = start_simulator()
     relay = start_relay(sim.url, INTERVAL)
+    command = command_line()
     try:
-        part_one = single_task(sim.url, relay, groups, mixed, args.window)
-        time.sleep(3.0)
-        counts = [int(c) for c in args.many.split(",") if c]
-        part_two = many_tasks(sim.url, relay, counts, args.window)
+        if args.part in ("one", "both"):
+            part_one = single_task(sim.url, relay, groups, mixed, args.window)
+            emit("Upstream economy: one task, many subscribers", command, part_one)
+        if args.part in ("many", "both"):
+            time.sleep(3.0 if args.part == "both" else 0.0)
+            counts = [int(c) for c in args.many.split(",") if c]
+            part_two = many_tasks(sim, relay, counts, args.window)
+            emit("Upstream economy: many tasks, one subscriber each", command, part_two)
     finally:
         relay.stop()
         sim.stop()
-    command = command_line()
-    emit("Upstream economy: one task, many subscribers", command, part_one)
-    emit("Upstream economy: many tasks, one subscriber each", command, part_two)
 
 
 if __name__ == "__main__":

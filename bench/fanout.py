@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (
+    LOG_DIR,
     LoadGroup,
     Server,
     command_line,
@@ -34,6 +35,7 @@ from .common import (
     log,
     median,
     percentile,
+    read_gc,
     start_fixed_upstream,
     start_minimal,
     start_relay,
@@ -61,23 +63,42 @@ def run_one(
     window: float,
     warmup: float,
     profile: Path | None,
+    gc: bool,
+    relay_gc: list[str],
 ) -> dict[str, Any]:
     interval = interval_for(n)
-    server = start_relay(upstream.url, interval) if kind == "relay" else start_minimal(interval)
+    gc_path = LOG_DIR / f"gc-{kind}-{transport}-{n}-{time.monotonic_ns()}.json" if gc else None
+    if kind == "relay":
+        server = start_relay(upstream.url, interval, gc_stats=gc_path, gc_options=relay_gc)
+    else:
+        server = start_minimal(interval, gc_stats=gc_path)
     group: LoadGroup | None = None
     try:
         task = f"hot-{kind}-{transport}-{n}-{time.monotonic_ns()}"
         started = time.monotonic()
-        group = LoadGroup(server.url, transport, [(task, n)], latency=True)
+        path = "/raw/v1/tasks/{task}/events" if kind == "raw" else "/v1/tasks/{task}/events"
+        group = LoadGroup(server.url, transport, [(task, n)], latency=True, path=path)
         ready = group.wait_ready()
         log(f"{kind} {transport} {n}: {ready} subscribers in {time.monotonic() - started:.1f} s")
         time.sleep(warmup)
         group.command("reset")
+        time.sleep(0.3 if gc else 0)  # the wrapper writes its totals at most every 0.2 s
+        gc0, events0 = read_gc(gc_path), group.stats()["events"]
         windows = measure_windows(server, group, reps, window, interval)
+        time.sleep(0.3 if gc else 0)
+        gc1, events1 = read_gc(gc_path), group.stats()["events"]
+        gc_cost = {k: gc1[k] - gc0[k] for k in gc1}
+        if gc_cost:
+            messages = max(events1 - events0, 1)
+            gc_cost["us_per_msg"] = gc_cost["seconds"] / messages * 1e6
+            gc_cost["full_us_per_msg"] = gc_cost["full_seconds"] / messages * 1e6
+            gc_cost["full_max_ms"] = gc1["full_max_ms"]
         answers = group.command("lat")
         rss = server.rss()
-        if profile is not None and kind == "relay":
-            record_profile(server, profile / f"fanout-{transport}-{n}.svg", window)
+        if profile is not None:
+            path = profile / f"fanout-{kind}-{transport}-{n}.svg"
+            cost = median(w["us_per_msg"] for w in windows)
+            record_profile(server, path, max(window, 20.0), cost)
         latency = latency_stats(answers, ready)
         log(
             f"  {median(w['us_per_msg'] for w in windows):.1f} us/msg, "
@@ -93,6 +114,7 @@ def run_one(
             "windows": windows,
             "latency": latency,
             "rss_kib": rss,
+            "gc": gc_cost,
         }
     finally:
         if group is not None:
@@ -171,7 +193,7 @@ def latency_stats(answers: list[dict[str, Any]], subscribers: int) -> dict[str, 
     }
 
 
-def record_profile(server: Server, path: Path, seconds: float) -> None:
+def record_profile(server: Server, path: Path, seconds: float, us_per_msg: float) -> None:
     """A py-spy flame graph (`path`, SVG) and collapsed stacks with a summary (`.txt`)."""
     spy = shutil.which("py-spy")
     if spy is None:
@@ -181,18 +203,23 @@ def record_profile(server: Server, path: Path, seconds: float) -> None:
     raw = path.with_suffix(".txt")
     for fmt, out in (("flamegraph", path), ("raw", raw)):
         argv = [spy, "record", "--pid", str(server.pid), "--duration", str(max(1, round(seconds)))]
-        argv += ["--rate", "250", "--nonblocking", "--format", fmt, "-o", str(out)]
+        argv += ["--rate", "400", "--nonblocking", "--format", fmt, "-o", str(out)]
         result = subprocess.run(argv, capture_output=True, timeout=seconds + 60, check=False)
         if result.returncode != 0:
             log(f"  py-spy failed: {result.stderr.decode(errors='replace')[-300:]}")
             return
     summary_path = path.with_suffix(".top.txt")
-    summary_path.write_text(profile_summary(raw.read_text()))
+    summary_path.write_text(profile_summary(raw.read_text(), us_per_msg))
     log(f"  profile: {path}, {raw}, {summary_path}")
 
 
-def profile_summary(collapsed: str, top: int = 40) -> str:
-    """Self and inclusive shares per function from py-spy's collapsed stacks."""
+def profile_summary(collapsed: str, us_per_msg: float, top: int = 45) -> str:
+    """Self and inclusive time per function from py-spy's collapsed stacks.
+
+    py-spy leaves out idle samples (the loop waiting in epoll), so a function's share of
+    the samples is its share of the busy CPU time; times the measured CPU per message, it
+    is that function's cost per delivered message.
+    """
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
@@ -202,17 +229,31 @@ def profile_summary(collapsed: str, top: int = 40) -> str:
             continue
         count = int(count_text)
         total += count
-        frames = [f.split(" (")[0] + " (" + f.rsplit("/", 1)[-1] for f in stack.split(";")]
+        frames = []
+        for frame in stack.split(";"):
+            name, _, where = frame.partition(" (")
+            frames.append(f"{name} ({where.rsplit('/', 1)[-1].split(':')[0]})")
         own[frames[-1]] = own.get(frames[-1], 0) + count
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + count
-    lines = [f"{total} samples", "", "self %  function"]
-    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"{count / total * 100:6.1f}  {frame}")
-    lines += ["", "inclusive %  function"]
-    for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"{count / total * 100:6.1f}  {frame}")
-    return "\n".join(lines) + "\n"
+    total = max(total, 1)
+    lines = [f"{total} samples; {us_per_msg:.1f} µs CPU per message measured without py-spy", ""]
+    for title, counts in (("self", own), ("inclusive", inclusive)):
+        lines.append(f"{title:>9} %   µs/msg  function")
+        for frame, count in sorted(counts.items(), key=lambda kv: -kv[1])[:top]:
+            share = count / total
+            lines.append(f"{share * 100:11.1f} {share * us_per_msg:8.2f}  {frame}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def gc_cell(gc: dict[str, float]) -> str:
+    if not gc:
+        return "-"
+    return (
+        f"{gc['us_per_msg']:.1f} ({gc['full_us_per_msg']:.1f} in {gc['full']:.0f} full, "
+        f"longest {gc['full_max_ms']:.0f} ms)"
+    )
 
 
 def report(results: list[dict[str, Any]], command: str) -> str:
@@ -230,7 +271,8 @@ def report(results: list[dict[str, Any]], command: str) -> str:
         if base_us:
             ratio = median(relay_us) / median(base_us)
             verdict = f"**{ratio:.2f}x** {'met' if ratio <= TARGET_RATIO else 'missed'}"
-        for row_kind, row in (("relay", r), ("minimal", base)):
+        raw = by_key.get(("raw", transport, n))
+        for row_kind, row in (("relay", r), ("minimal", base), ("raw ASGI, no sse-starlette", raw)):
             if row is None:
                 continue
             ws = row["windows"]
@@ -243,6 +285,7 @@ def report(results: list[dict[str, Any]], command: str) -> str:
                     summary((w["cpu_share"] * 100 for w in ws), 0),
                     f"{median(w['client_us'] for w in ws):.1f}",
                     f"{row['rss_kib'] / 1024:.0f}",
+                    gc_cell(row["gc"]),
                     (verdict + f" (windows {summary(ratios, 2)})") if row_kind == "relay" else "",
                 ]
             )
@@ -268,6 +311,7 @@ def report(results: list[dict[str, Any]], command: str) -> str:
             "server CPU %",
             "client µs / msg",
             "RSS MiB",
+            "GC µs / msg (full collections: count, longest)",
             "relay / minimal",
         ],
         cpu_rows,
@@ -294,10 +338,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000,5000,10000", help="subscriber counts")
     parser.add_argument("--transports", default="sse,ws")
+    parser.add_argument("--servers", default="relay,minimal", help="relay, minimal, raw")
     parser.add_argument("--reps", type=int, default=3, help="measured windows per run")
-    parser.add_argument("--window", type=float, default=5.0, help="seconds per window")
-    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--window", type=float, default=4.0, help="seconds per window")
+    parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy flame graphs here")
+    parser.add_argument(
+        "--gc", action="store_true", help="count garbage collections (bench/gcwrap.py)"
+    )
+    parser.add_argument(
+        "--relay-gc-threshold",
+        default="",
+        help="A,B,C: an experiment, gc.set_threshold in the relay",
+    )
+    parser.add_argument(
+        "--relay-gc-freeze", type=float, default=0, help="S: an experiment, gc.freeze() after S s"
+    )
     parser.add_argument("--quick", action="store_true", help="1,000 subscribers, 2 windows of 3 s")
     args = parser.parse_args()
     if args.quick:
@@ -306,12 +362,20 @@ def main() -> None:
     transports = [t for t in args.transports.split(",") if t]
     if max(sizes) > 15_000:
         parser.error("at most 15,000 subscribers: a process holds at most 20,000 sockets")
+    relay_gc = []
+    if args.relay_gc_threshold:
+        relay_gc += ["--threshold", args.relay_gc_threshold]
+    if args.relay_gc_freeze:
+        relay_gc += ["--freeze-after", str(args.relay_gc_freeze)]
+    args.gc = args.gc or bool(relay_gc)
     upstream = start_fixed_upstream()
     results = []
     try:
         for n in sizes:
             for transport in transports:
-                for kind in ("relay", "minimal"):
+                for kind in args.servers.split(","):
+                    if kind == "raw" and transport != "sse":
+                        continue
                     results.append(
                         run_one(
                             kind,
@@ -322,6 +386,8 @@ def main() -> None:
                             window=args.window,
                             warmup=args.warmup,
                             profile=args.profile,
+                            gc=args.gc,
+                            relay_gc=relay_gc,
                         )
                     )
     finally:

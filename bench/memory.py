@@ -6,7 +6,8 @@ bench/fixed_upstream.py), so after its snapshot it is idle. RSS is VmRSS from
 read after a warm-up round of 100 subscribers came and went, so lazily imported code and
 first-use caches are not charged to subscribers. Subscribers are added in steps to the same
 server, from separate load-client processes. Beside the relay: bench/minimal_server.py
-(`--interval 0`: it never pushes), the stack's own cost of an open stream.
+(`--interval 0`: it never pushes), the stack's own cost of an open stream, and for SSE
+its bare-ASGI stream (`raw`, without sse-starlette).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .common import (
 )
 
 TARGET_KIB = 20.0
+SSE_PATH = "/v1/tasks/{task}/events"
+RAW_PATH = "/raw/v1/tasks/{task}/events"
 SETTLE = 2.0
 
 
@@ -45,16 +48,18 @@ def settled_rss(server: Server) -> int:
 def run_one(kind: str, transport: str, levels: list[int], upstream: Server) -> dict[int, int]:
     """RSS in KiB at each subscriber count (0 included), on one fresh server."""
     server = start_relay(upstream.url, 1.0) if kind == "relay" else start_minimal(0)
+    path = RAW_PATH if kind == "raw" else SSE_PATH
     loads: list[LoadGroup] = []
     try:
-        warm = LoadGroup(server.url, transport, [("idle-warm", 100)])
+        warm = LoadGroup(server.url, transport, [("idle-warm", 100)], path=path)
         warm.wait_ready()
         warm.stop()
         time.sleep(1.0)  # past the relay's 2 s linger, with SETTLE
         rss = {0: settled_rss(server)}
         have = 0
         for level in levels:
-            loads.append(LoadGroup(server.url, transport, [("idle-mem", level - have)]))
+            spec = [("idle-mem", level - have)]
+            loads.append(LoadGroup(server.url, transport, spec, path=path))
             have += loads[-1].wait_ready()
             rss[level] = settled_rss(server)
             log(f"{kind} {transport}: {have} idle subscribers, RSS {rss[level] / 1024:.1f} MiB")
@@ -78,7 +83,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict[int, int]]] = {}
     try:
         for transport in ("sse", "ws"):
-            for kind in ("relay", "minimal"):
+            for kind in ("relay", "minimal", "raw") if transport == "sse" else ("relay", "minimal"):
                 reps = args.reps if kind == "relay" else 1
                 runs[(kind, transport)] = [
                     run_one(kind, transport, levels, upstream) for _ in range(reps)
@@ -114,7 +119,10 @@ def main() -> None:
         ],
         rows,
     )
-    body += f"\n\nRelay: median (min-max) of {args.reps} fresh relays; minimal server: one run."
+    body += (
+        f"\n\nRelay: median (min-max) of {args.reps} fresh relays; minimal server: one run. "
+        "raw: the minimal server's SSE stream as a bare ASGI app, without sse-starlette."
+    )
     emit("Memory per idle subscriber", command_line(), body)
 
 

@@ -6,7 +6,9 @@ is woken to send those pre-encoded bytes. A client gets a snapshot frame when it
 A client still sending when the next frame comes skips to the newest (as the relay
 coalesces). `--interval 0` never pushes: idle clients, for memory. Routes:
 `GET /v1/tasks/{task}/events` (SSE, with the relay's ping and send timeout),
-`WS /v1/ws` (a reader task and a sender, as the relay has), `GET /healthz`.
+`WS /v1/ws` (a reader task and a sender, as the relay has), `GET /healthz`, and
+`GET /raw/v1/tasks/{task}/events`: the same stream as a bare ASGI app without
+sse-starlette (no pings), to show what sse-starlette itself costs.
 
 It runs under `uvicorn.run` with the relay's own settings (uvloop, httptools,
 websockets-sansio, 64 KiB max WebSocket message).
@@ -28,11 +30,17 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .common import HOST, hot_patch, hot_state
 
 TASK_ID = "hot"
+RAW_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 PING_INTERVAL = 15.0
 SEND_TIMEOUT = 10.0
 
@@ -77,7 +85,7 @@ class Broadcast:
         return self.generation
 
 
-def create_app(interval: float) -> Starlette:
+def create_app(interval: float) -> ASGIApp:
     broadcast: Broadcast | None = None
 
     @asynccontextmanager
@@ -143,12 +151,48 @@ def create_app(interval: float) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def raw_events(scope: Scope, receive: Receive, send: Send) -> None:
+        """SSE as a bare ASGI app: no sse-starlette, one watcher task for the disconnect."""
+        assert broadcast is not None
+        b = broadcast
+        streaming = asyncio.current_task()
+        assert streaming is not None
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            streaming.cancel()
+
+        await send({"type": "http.response.start", "status": 200, "headers": RAW_HEADERS})
+        watcher = asyncio.create_task(watch())
+        try:
+            seen = b.generation
+            await send({"type": "http.response.body", "body": b.snapshot_sse, "more_body": True})
+            while True:
+                seen = await b.newer_than(seen)
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await send(
+                        {"type": "http.response.body", "body": b.frame_sse, "more_body": True}
+                    )
+        except (asyncio.CancelledError, OSError, TimeoutError):
+            pass
+        finally:
+            watcher.cancel()
+
     routes: list[Route | WebSocketRoute] = [
         Route("/v1/tasks/{task_id}/events", events),
         WebSocketRoute("/v1/ws", websocket),
         Route("/healthz", healthz),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/raw/"):
+            await raw_events(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return dispatch
 
 
 def main() -> None:

@@ -1,0 +1,87 @@
+"""Run every benchmark and write their tables to one markdown file.
+
+    python -m bench.run_all            # the full suite, about 8-9 minutes on 2 cores
+    python -m bench.run_all --quick    # smaller counts and shorter windows, about 2 minutes
+
+Order: memory (RSS only, so it does not mind neighbours) runs beside upstream economy's
+first part (calls per task) and then wire bytes; economy's second part (throughput of many
+tasks) and fan-out and latency (CPU time and delay, which do mind) run alone afterwards.
+Each benchmark is its own process with a time limit; each starts and stops its own
+servers and load clients on 127.0.0.1. A full run writes bench/results.md; a quick run
+writes to a temporary file unless `--out` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import PYTHON, ROOT, machine_line
+
+LIMIT_SECONDS = 420
+
+
+def start(module: str, quick: bool, *extra: str) -> tuple[str, subprocess.Popen[bytes]]:
+    argv = [PYTHON, "-m", f"bench.{module}", *(["--quick"] if quick else []), *extra]
+    print(f"$ {' '.join(argv[1:])}", file=sys.stderr, flush=True)
+    return module, subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE)
+
+
+def finish(job: tuple[str, subprocess.Popen[bytes]], deadline: float) -> str:
+    module, popen = job
+    try:
+        out, _ = popen.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        out, _ = popen.communicate()
+        return f"### {module}\n\nstopped after its time limit\n"
+    if popen.returncode != 0:
+        return f"### {module}\n\nfailed (exit {popen.returncode}); see the log above\n"
+    return out.decode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run, about 2 minutes")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the tables")
+    args = parser.parse_args()
+    out = args.out
+    if out is None:
+        out = (
+            Path(tempfile.gettempdir()) / "comfy-relay-bench-quick.md"
+            if args.quick
+            else ROOT / "bench" / "results.md"
+        )
+    started = time.monotonic()
+    sections: list[str] = []
+
+    # Memory beside calls per subscriber count, then wire bytes: they measure no CPU time.
+    memory = start("memory", args.quick)
+    economy = start("economy", args.quick, "--part", "one")
+    sections.append(finish(economy, time.monotonic() + LIMIT_SECONDS))
+    wire = start("wire_bytes", args.quick)
+    sections.append(finish(wire, time.monotonic() + LIMIT_SECONDS))
+    sections.append(finish(memory, time.monotonic() + LIMIT_SECONDS))
+
+    # Many tasks (throughput), then fan-out and latency: alone.
+    economy = start("economy", args.quick, "--part", "many")
+    sections.append(finish(economy, time.monotonic() + LIMIT_SECONDS))
+    fanout = start("fanout", args.quick, "--gc", "--servers", "relay,minimal,raw")
+    sections.append(finish(fanout, time.monotonic() + LIMIT_SECONDS))
+
+    took = time.monotonic() - started
+    command = "python -m bench.run_all" + (" --quick" if args.quick else "")
+    header = (
+        f"# comfy-relay benchmark results\n\n`{command}` took {took / 60:.1f} min.\n\n"
+        f"Machine: {machine_line()}\n\n"
+    )
+    out.write_text(header + "\n".join(s.strip() + "\n" for s in sections))
+    print(f"\nwrote {out} ({took / 60:.1f} min)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
