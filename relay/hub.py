@@ -126,8 +126,11 @@ class TaskHub:
             return False
         if seq is None:
             self._notice = None
-            if state == self.state:
-                return False
+            if self.state is not None:
+                # Not `==`: Python holds 1 == True, JSON does not.
+                patch = merge_patch(self.state, state)
+                if not patch:
+                    return False
             seq = self.next_seq()
         elif seq <= self.seq:
             return False

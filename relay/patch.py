@@ -33,9 +33,15 @@ def merge_patch(old: JSONObject, new: JSONObject) -> JSONObject:
 
 
 def same_json(a: Any, b: Any) -> bool:
-    """Equal as JSON values: 1 and 1.0 are one number, but true is not 1."""
+    """Equal as JSON values, at any depth: 1 and 1.0 are one number, but true is not 1."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(same_json, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[key], b[key]) for key in a)
+    if isinstance(a, (list, dict)) or isinstance(b, (list, dict)):
+        return False
     return bool(a == b)
 
 

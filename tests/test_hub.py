@@ -4,6 +4,8 @@ import asyncio
 
 import httpx
 
+from relay.hub import TaskHub
+
 from .clients import visit, wait_for, watch_sse, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ThreadServer
@@ -100,3 +102,11 @@ async def test_a_subscriber_within_the_linger_keeps_the_loop(
     watcher = await watch_sse(http, relay.url, task_id)
     assert watcher.ended == "succeeded"
     assert hub.loop_count == 0
+
+
+def test_a_boolean_replacing_an_equal_number_is_a_change() -> None:
+    task = TaskHub("flags")
+    assert task.publish({"status": "running", "flag": 1})
+    assert task.publish({"status": "running", "flag": True})
+    assert task.state is not None and task.state["flag"] is True
+    assert not task.publish({"status": "running", "flag": True})

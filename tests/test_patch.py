@@ -56,6 +56,12 @@ def test_boolean_replacing_a_number_is_a_change() -> None:
     assert merge_patch({"flag": False}, {"flag": 0}) == {"flag": 0}
 
 
+def test_boolean_replacing_a_number_inside_an_array_or_object_is_a_change() -> None:
+    assert merge_patch({"a": [1]}, {"a": [True]}) == {"a": [True]}
+    assert merge_patch({"a": [{"b": 0}]}, {"a": [{"b": False}]}) == {"a": [{"b": False}]}
+    assert merge_patch({"a": [1, 2]}, {"a": [1.0, 2.0]}) == {}
+
+
 def test_arrays_are_replaced_whole() -> None:
     assert merge_patch({"images": ["a", "b"]}, {"images": ["a"]}) == {"images": ["a"]}
 
@@ -77,10 +83,23 @@ def test_drop_nulls_removes_null_members_but_keeps_arrays() -> None:
     assert drop_nulls(data) == {"b": {"d": 1}, "e": [None, {"f": None}]}
 
 
+def as_json(value: Any) -> Any:
+    """A form in which Python's `==` compares as JSON does: true is not 1, 1 is 1.0."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", float(value))
+    if isinstance(value, list):
+        return ("array", tuple(as_json(item) for item in value))
+    if isinstance(value, dict):
+        return ("object", frozenset((key, as_json(item)) for key, item in value.items()))
+    return ("string", value)
+
+
 @given(json_objects, json_objects)
 def test_apply_of_diff_gives_the_new_state(old: dict[str, Any], new: dict[str, Any]) -> None:
     old, new = drop_nulls(old), drop_nulls(new)
-    assert apply_patch(old, merge_patch(old, new)) == new
+    assert as_json(apply_patch(old, merge_patch(old, new))) == as_json(new)
 
 
 @given(json_objects)
