@@ -222,6 +222,7 @@ def create_app(settings: Settings) -> Starlette:
                 allow_origins=list(settings.allowed_origins),
                 allow_methods=["GET"],
                 allow_headers=["Last-Event-ID"],
+                expose_headers=["Retry-After", "X-Relay-Seq"],
                 max_age=600,
             )
         )

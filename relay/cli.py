@@ -168,7 +168,7 @@ def simulate(args: argparse.Namespace) -> None:
 
 
 def token(args: argparse.Namespace) -> None:
-    secret = os.environ.get("RELAY_TOKEN_SECRET")
+    secret = os.environ.get("RELAY_TOKEN_SECRET", "").strip()  # as `relay serve` reads it
     if not secret:
         raise ConfigError("RELAY_TOKEN_SECRET is not set: there is no secret to sign with")
     try:

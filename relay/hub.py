@@ -341,7 +341,7 @@ class Hub:
             await self._poll(task)
         except Exception:
             logger.exception("poll loop for task %s crashed", task.task_id)
-            task.fail(ErrorCode.UPSTREAM_UNAVAILABLE, "the relay could not poll this task")
+            task.fail(ErrorCode.INTERNAL_ERROR, "the relay failed while polling this task")
         finally:
             del self._loops[task.task_id]
             if self._on_loops is not None:

@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
     TOO_MANY_TASKS = "too_many_tasks"
     OVERLOADED = "overloaded"
+    INTERNAL_ERROR = "internal_error"
 
 
 def is_valid_task_id(value: object) -> bool:

@@ -1,12 +1,14 @@
 """Access tokens: HS256 JWTs that name the task IDs their holder may watch.
 
 Off unless `RELAY_TOKEN_SECRET` is set. A token's claims are
-`{"tasks": ["<taskId>", ...], "exp": <Unix seconds>}` (`iat` and anything else are
-ignored); `exp` is required. The application that starts a task mints a token for
-it with the same secret (or `relay token TASK_ID --ttl 600`) and hands it to the
-browser, which passes it as `?token=` (SSE, `GET /v1/tasks/{id}`) or as the
-`token` field of each WebSocket `subscribe`. A token is checked when a
-subscription starts; a stream already open is not cut when its token expires.
+`{"tasks": ["<taskId>", ...], "exp": <Unix seconds>}`; `exp` is required, `nbf` is
+honoured, and `iat`, `aud` and anything else are ignored. `exp` and `nbf` allow
+`CLOCK_LEEWAY` seconds of skew between the minting backend's clock and the relay's.
+The application that starts a task mints a token for it with the same secret
+(or `relay token TASK_ID --ttl 600`) and hands it to the browser, which passes it
+as `?token=` (SSE, `GET /v1/tasks/{id}`) or as the `token` field of each WebSocket
+`subscribe`. A token is checked when a subscription starts; a stream already open
+is not cut when its token expires.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ ALGORITHM = "HS256"
 TASKS_CLAIM = "tasks"
 MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 MAX_TOKEN_LENGTH = 16_384
+CLOCK_LEEWAY = 30.0
+DECODE_OPTIONS = {"require": ["exp"], "verify_aud": False, "verify_iat": False}
 
 
 class SecretTooShort(ValueError):
@@ -76,7 +80,9 @@ def grant(secret: str | None, token: object) -> Grant:
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
         return Grant(problem="the token is not valid")
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["exp"]})
+        claims = jwt.decode(
+            token, secret, algorithms=[ALGORITHM], options=DECODE_OPTIONS, leeway=CLOCK_LEEWAY
+        )
     except jwt.ExpiredSignatureError:
         return Grant(problem="the token has expired")
     except jwt.InvalidTokenError:

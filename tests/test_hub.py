@@ -4,7 +4,7 @@ import asyncio
 
 import httpx
 
-from relay.hub import TaskHub
+from relay.hub import Hub, Subscriber, TaskHub
 
 from .clients import visit, wait_for, watch_sse, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
@@ -110,3 +110,19 @@ def test_a_boolean_replacing_an_equal_number_is_a_change() -> None:
     assert task.publish({"status": "running", "flag": True})
     assert task.state is not None and task.state["flag"] is True
     assert not task.publish({"status": "running", "flag": True})
+
+
+async def test_a_crashed_poll_loop_ends_its_task_with_a_final_internal_error() -> None:
+    async def broken_poll(task: TaskHub) -> None:
+        raise RuntimeError("a bug")
+
+    hub = Hub(broken_poll, linger=0.1, ended_ttl=1.0)
+    subscriber = Subscriber("test")
+    cursor = hub.subscribe("crashing", subscriber)
+    await asyncio.sleep(0.05)
+    events = [event for c in await subscriber.changed() for event in c.pending()]
+    assert [(e.kind, e.data["code"], e.data["retrying"]) for e in events] == [
+        ("error", "internal_error", False)
+    ]
+    assert cursor.done and hub.loop_count == 0
+    await hub.close()

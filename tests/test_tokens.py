@@ -13,7 +13,7 @@ import websockets
 from relay.cli import main
 from relay.config import Settings, load_settings
 from relay.sse import parse_stream_id
-from relay.tokens import mint
+from relay.tokens import grant, mint
 
 from .clients import Watcher, sse_events
 from .conftest import RelayFactory, SimulatedUpstream
@@ -61,6 +61,18 @@ async def test_sse_stream_without_a_valid_token_gets_401_and_nothing_is_polled(
         assert body == {"code": "unauthorized", "message": body["message"], "retrying": False}
         assert token is None or token not in response.text
     assert upstream.calls(task_id) == 0
+
+
+def test_tokens_from_a_backend_whose_clock_runs_ahead_or_that_names_an_audience_are_accepted() -> (
+    None
+):
+    ahead = time.time() + 20
+    claims = {"tasks": ["t1"], "iat": int(ahead), "nbf": int(ahead), "exp": int(ahead + 60)}
+    assert grant(SECRET, jwt.encode(claims, SECRET, algorithm="HS256")).refusal("t1") is None
+    claims = {"tasks": ["t1"], "aud": "comfy-relay", "exp": int(time.time() + 60)}
+    assert grant(SECRET, jwt.encode(claims, SECRET, algorithm="HS256")).refusal("t1") is None
+    too_early = {"tasks": ["t1"], "nbf": int(time.time() + 300), "exp": int(time.time() + 600)}
+    assert grant(SECRET, jwt.encode(too_early, SECRET, algorithm="HS256")).refusal("t1")
 
 
 async def test_sse_stream_with_a_token_for_the_task_runs_to_the_end(
