@@ -18,13 +18,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jwt
+from jwt.types import Options
 
 ALGORITHM = "HS256"
 TASKS_CLAIM = "tasks"
 MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 MAX_TOKEN_LENGTH = 16_384
 CLOCK_LEEWAY = 30.0
-DECODE_OPTIONS = {"require": ["exp"], "verify_aud": False, "verify_iat": False}
+DECODE_OPTIONS: Options = {"require": ["exp"], "verify_aud": False, "verify_iat": False}
 
 
 class SecretTooShort(ValueError):
