@@ -21,12 +21,13 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from .hub import Hub, TaskHub
+from .hub import NOT_FOUND_TTL, Hub, TaskHub
 from .metrics import Metrics
 from .patch import merge_patch
 from .poll_loop import PollPolicy, poll_once
@@ -239,7 +240,9 @@ class Cluster:
             "1" if final else "0",
             dumps(error),
             CHANNEL,
-            STATE_TTL_SECONDS,
+            # An ID unknown upstream is remembered as briefly as a single relay does: the
+            # task may yet be created, and it must not stay refused cluster-wide for long.
+            STATE_TTL_SECONDS if task.state is not None else int(NOT_FOUND_TTL),
             dumps(message),
         ]
         keys = [lease_key(task.task_id), state_key(task.task_id)]
@@ -282,6 +285,23 @@ class Cluster:
         if not kept:
             self.leases.discard(task_id)
         return kept
+
+    @contextlib.asynccontextmanager
+    async def lease_kept(self, task_id: str) -> AsyncIterator[None]:
+        """Keep renewing the lease while the body runs: an upstream call (with its retries
+        and the result fetch) can last longer than the lease itself."""
+        keeper = asyncio.create_task(self._keep(task_id), name=f"lease {task_id}")
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _keep(self, task_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            if not await self.renew(task_id):
+                return  # lost: the fenced store that follows will notice
 
     async def release(self, task_id: str) -> None:
         self.leases.discard(task_id)
@@ -350,7 +370,8 @@ async def poll_task_clustered(
             else:
                 idle_since = None
             if time.monotonic() >= next_poll:
-                outcome = await poll_and_publish(task, cluster, upstream, policy, failures)
+                async with cluster.lease_kept(task.task_id):
+                    outcome = await poll_and_publish(task, cluster, upstream, policy, failures)
                 if outcome is None:
                     owner, failures = False, 0
                     continue
@@ -381,7 +402,7 @@ async def poll_and_publish(
         task.report_unavailable(polled.fault)
         return failures + 1, polled.delay
     assert polled.state is not None
-    if polled.state != task.state:
+    if task.state is None or merge_patch(task.state, polled.state):
         seq = task.next_seq()
         if not await cluster.store(task, polled.state, seq):
             return None

@@ -188,6 +188,10 @@ class Simulator:
         self.faults = faults or Faults()
         self.tasks: dict[str, SimTask] = {}
         self.calls: Counter[str] = Counter()
+        # Which AccessKey ID polled each task last, and how often that changed: tells
+        # tests whether two relays of a cluster ever polled one task by turns.
+        self.last_caller: dict[str, str] = {}
+        self.handovers: Counter[str] = Counter()
         self.states: Counter[str] = Counter()
         self.in_flight = 0
         self.app = Starlette(
@@ -278,6 +282,10 @@ class Simulator:
             task_id = None
         task_key = task_id if isinstance(task_id, str) else ""
         self.calls[task_key] += 1
+        caller = request.headers.get("x-ca-key", "")
+        if self.last_caller.setdefault(task_key, caller) != caller:
+            self.last_caller[task_key] = caller
+            self.handovers[task_key] += 1
         if self.faults.latency:
             await asyncio.sleep(self.faults.latency)
         return task_key, self.faults.draw()

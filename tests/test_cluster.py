@@ -23,6 +23,7 @@ from .conftest import SimulatedUpstream
 from .servers import ProcessServer, free_port
 
 LEASE_TTL = 1.0
+SECRET = {"RELAY_ACCESS_KEY_SECRET": "cluster-test-secret"}
 POLL = 0.1
 
 
@@ -98,7 +99,12 @@ def start_nodes(count: int, redis: str, upstream: str, *extra: str) -> list[Proc
         "0.5",
         *extra,
     ]
-    return [ProcessServer(args).start() for _ in range(count)]
+    # Each node calls the upstream with its own AccessKey ID, so the simulator can tell
+    # which node polled a task.
+    return [
+        ProcessServer(args, env={"RELAY_ACCESS_KEY_ID": f"node-{n}", **SECRET}).start()
+        for n in range(count)
+    ]
 
 
 @pytest.fixture
@@ -136,6 +142,8 @@ async def test_ninety_subscribers_on_three_nodes_cost_one_loop(
     single = await watch_sse(http, nodes[0].url, alone)
     assert single.ended == "succeeded"
 
+    ok_calls = 'relay_upstream_calls_total{outcome="ok"}'
+    before = [await metric(http, n, ok_calls) for n in nodes]
     crowded = upstream.start_task(queue=0.2, duration=2.0)
     watchers = await asyncio.gather(
         *[watch_sse(http, node.url, crowded) for node in nodes for _ in range(15)],
@@ -145,8 +153,9 @@ async def test_ninety_subscribers_on_three_nodes_cost_one_loop(
     assert len(watchers) == 90
     assert all(w.ended == "succeeded" and w.state == final for w in watchers)
     assert abs(upstream.calls(crowded) - upstream.calls(alone)) <= 1
-    polling = [await metric(http, n, 'relay_upstream_calls_total{outcome="ok"}') for n in nodes]
-    assert sum(1 for calls in polling if calls > 0) == 1, polling
+    grew = [await metric(http, n, ok_calls) - b for n, b in zip(nodes, before, strict=True)]
+    assert sum(1 for calls in grew if calls > 0) == 1, grew
+    assert upstream.simulator.handovers[crowded] == 0
 
 
 async def test_fifty_tasks_are_each_polled_by_one_node(
@@ -170,9 +179,26 @@ async def test_fifty_tasks_are_each_polled_by_one_node(
     finally:
         for ws in sockets:
             await ws.close()
-    # One loop each: no task was polled more than one loop's worth.
+    # One loop each: no task was polled more than one loop's worth, and no two nodes
+    # polled one task by turns (a lease changes hands at most once, never back and forth).
     for task_id in tasks:
         assert upstream.calls(task_id) <= 3.2 / POLL + 3, upstream.calls(task_id)
+        assert upstream.simulator.handovers[task_id] <= 1, task_id
+
+
+async def test_an_upstream_slower_than_the_lease_keeps_one_poller_and_delivers(
+    redis_url: str, upstream: SimulatedUpstream, http: httpx.AsyncClient, nodes_factory: Any
+) -> None:
+    """Each call outlasts the lease: the owner renews it during the call, nobody else polls."""
+    upstream.simulator.faults.latency = LEASE_TTL * 1.5
+    nodes = nodes_factory(2, redis_url, upstream.url, "--request-timeout", "5")
+    task_id = upstream.start_task(queue=0.0, duration=5.0)
+    watching = asyncio.gather(*[watch_sse(http, node.url, task_id) for node in nodes])
+    watchers = await asyncio.wait_for(watching, 30)
+    final = upstream.final_state(task_id)
+    assert all(w.ended == "succeeded" and w.state == final for w in watchers)
+    assert all(consecutive(w) for w in watchers)
+    assert upstream.simulator.handovers[task_id] == 0
 
 
 async def test_polling_follows_interest_on_any_node(
