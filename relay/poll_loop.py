@@ -72,7 +72,7 @@ async def poll_once(
         return Polled(final=(ErrorCode.TASK_NOT_FOUND, str(exc)))
     except Unauthorized as exc:
         logger.error("task %s: %s; check the AccessKey pair", task_id, exc)
-        if "timestamp" in str(exc).lower():
+        if exc.clock_skew:
             logger.warning("the upstream says our timestamp is off: is this host's clock right?")
         return Polled(
             final=(ErrorCode.UNAUTHORIZED, "the upstream refused the relay's credentials")

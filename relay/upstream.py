@@ -17,7 +17,7 @@ import httpx
 from .budget import RateBudget
 from .patch import drop_nulls
 from .protocol import dumps
-from .signing import Signer
+from .signing import ERR_INVALID_TIMESTAMP, ERR_TIMESTAMP_EXPIRED, Signer
 
 logger = logging.getLogger("relay.upstream")
 
@@ -40,6 +40,15 @@ class TaskNotFound(UpstreamError):
 
 class Unauthorized(UpstreamError):
     """The upstream refused our credentials or signature: final, an operator must act."""
+
+    def __init__(self, reason: str, gateway_error: str | None = None):
+        super().__init__(reason)
+        self.gateway_error = gateway_error or ""
+
+    @property
+    def clock_skew(self) -> bool:
+        """True when the gateway refused our timestamp, not the signature itself."""
+        return self.gateway_error.startswith((ERR_TIMESTAMP_EXPIRED, ERR_INVALID_TIMESTAMP))
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -156,7 +165,9 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"upstream answered HTTP {status}", retry_after)
         gateway_error = response.headers.get("x-ca-error-message")
         if status in (401, 403) or (400 <= status < 500 and gateway_error):
-            raise Unauthorized(f"upstream refused the call: HTTP {status} {gateway_error or ''}")
+            raise Unauthorized(
+                f"upstream refused the call: HTTP {status} {gateway_error or ''}", gateway_error
+            )
         if status >= 400:
             raise UpstreamUnavailable(f"upstream answered HTTP {status}")
         return parse_json(raw)

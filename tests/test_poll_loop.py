@@ -2,12 +2,17 @@
 
 import asyncio
 import json
+import logging
 import time
 
 import httpx
+import pytest
 import websockets
 
-from relay.poll_loop import PollPolicy
+from relay.poll_loop import PollPolicy, poll_once
+from relay.signing import ApiGatewaySigner
+from relay.simulator import Simulator
+from relay.upstream import UpstreamClient, make_http_client
 
 from .clients import watch_sse
 from .conftest import RelayFactory, SimulatedUpstream
@@ -100,3 +105,29 @@ async def test_reconnects_to_an_unknown_task_cost_one_upstream_call(
             reply = json.loads(await socket.recv())
             assert reply["data"]["code"] == "task_not_found"
     assert upstream.calls("no-such-task") == 1
+
+
+async def test_a_refused_signature_is_final_and_only_a_refused_timestamp_warns_of_the_clock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator = Simulator(fail_rate=0, credentials={"key-1": "s3cret"})
+    server = ThreadServer(simulator.app).start()
+    http = make_http_client(timeout=2, max_connections=2)
+    policy = PollPolicy()
+    try:
+        task_id = simulator.start_task(queue=5).task_id
+        wrong = UpstreamClient(http, server.url, ApiGatewaySigner("key-1", "wrong"), 2)
+        with caplog.at_level(logging.WARNING, logger="relay.poll"):
+            polled = await poll_once(task_id, wrong, policy, 0)
+        assert polled.final is not None and polled.final[0] == "unauthorized"
+        assert "Invalid Signature" in caplog.text and "clock" not in caplog.text
+        assert "s3cret" not in caplog.text and "wrong" not in caplog.text
+        caplog.clear()
+        stale = ApiGatewaySigner("key-1", "s3cret", clock=lambda: 1_000_000_000.0)
+        with caplog.at_level(logging.WARNING, logger="relay.poll"):
+            polled = await poll_once(task_id, UpstreamClient(http, server.url, stale, 2), policy, 0)
+        assert polled.final is not None and polled.final[0] == "unauthorized"
+        assert "clock" in caplog.text
+    finally:
+        await http.aclose()
+        server.stop()
