@@ -189,6 +189,12 @@ class TaskHub:
         """The sequence number of an ended task's last state (None if running or stateless)."""
         return self.seq if self.ended and self.state is not None else None
 
+    @property
+    def final_error(self) -> dict[str, Any] | None:
+        """The final error's data when the task ended in one (unknown task, refused credentials)."""
+        final = self._final
+        return final.data if final is not None and final.kind == "error" else None
+
     def delivered_all(self, seq: int | None) -> bool:
         """True when a client holding state `seq` has everything this ended task will send."""
         final = self.final_seq

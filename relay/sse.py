@@ -88,10 +88,12 @@ async def stream_events(
             if subscriber.closing:
                 yield retry_hint()
                 return
-            events = [event for cursor in dirty for event in cursor.pending()]
-            if events:
-                hub.pushed("sse", len(events))
-                yield b"".join(frame(event, cursors) for event in events)
+            # Framed cursor by cursor: a many-task stream's id must list only what this
+            # client has been sent so far, should the connection break between frames.
+            frames = [frame(event, cursors) for cursor in dirty for event in cursor.pending()]
+            if frames:
+                hub.pushed("sse", len(frames))
+                yield b"".join(frames)
     finally:
         for cursor in cursors:
             hub.unsubscribe(cursor)
@@ -134,9 +136,12 @@ async def task_events(request: Request) -> Response:
     if refusal is not None:
         return error_response(401, ErrorCode.UNAUTHORIZED, refusal)
     hub: Hub = request.app.state.hub
-    seq = parse_seq(request.headers.get("last-event-id"))
+    seq = parse_seq(last_event_id(request))
     if delivered(hub, task_id, seq):
         return Response(status_code=204)
+    if known_unknown(hub, task_id):
+        # Streamed, this error would have EventSource reconnect forever; a 404 ends it.
+        return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown task {task_id}")
     if new_loops(hub, [task_id]) > settings.max_loops - hub.loop_count:
         return overloaded_response("the relay watches as many tasks as it can; retry later")
     subscriber = Subscriber("sse")
@@ -144,10 +149,27 @@ async def task_events(request: Request) -> Response:
     return event_source(request, body, subscriber)
 
 
+def last_event_id(request: Request) -> str | None:
+    """The client's position: the `Last-Event-ID` header, else the `lastEventId` parameter.
+
+    EventSource sends the header only when it reconnects by itself; a page that opens
+    a new stream (with another list of tasks) resumes through the parameter. The header
+    wins, since it is never older than the URL.
+    """
+    return request.headers.get("last-event-id") or request.query_params.get("lastEventId")
+
+
 def delivered(hub: Hub, task_id: str, seq: int | None) -> bool:
     """True when a client holding state `seq` has all an ended task will ever send."""
     task = hub.get(task_id)
     return task is not None and task.delivered_all(seq)
+
+
+def known_unknown(hub: Hub, task_id: str) -> bool:
+    """True while the relay remembers that the upstream does not know this task."""
+    task = hub.get(task_id)
+    error = task.final_error if task is not None else None
+    return error is not None and error["code"] == ErrorCode.TASK_NOT_FOUND
 
 
 def new_loops(hub: Hub, task_ids: list[str]) -> int:
@@ -170,7 +192,7 @@ async def many_task_events(request: Request) -> Response:
     if len(task_ids) > settings.max_stream_tasks:
         message = f"at most {settings.max_stream_tasks} tasks per stream, got {len(task_ids)}"
         return error_response(400, ErrorCode.TOO_MANY_TASKS, message)
-    resume = parse_stream_id(request.headers.get("last-event-id"))
+    resume = parse_stream_id(last_event_id(request))
     access = grant(settings.token_secret, request.query_params.get("token"))
     refused: dict[str, dict[str, object]] = {}
     for task_id in task_ids:
@@ -181,8 +203,13 @@ async def many_task_events(request: Request) -> Response:
         elif (refusal := access.refusal(task_id)) is not None:
             refused[task_id] = error_data(ErrorCode.UNAUTHORIZED, refusal)
     valid = [task_id for task_id in task_ids if task_id not in refused]
-    if resume and not refused and all(delivered(hub, t, resume.get(t)) for t in valid):
+    # What a plain EventSource needs to stop reconnecting: 204 when a resuming client has
+    # everything, an HTTP error when no task of the list can ever be watched.
+    finished = [delivered(hub, t, resume.get(t)) or known_unknown(hub, t) for t in valid]
+    if resume and valid and all(finished):
         return Response(status_code=204)
+    if all(known_unknown(hub, t) for t in valid):
+        return refusal_response(refused, valid)
     if new_loops(hub, valid) > settings.max_loops - hub.loop_count:
         return overloaded_response("the relay watches as many tasks as it can; retry later")
     prelude = b"".join(
@@ -193,3 +220,12 @@ async def many_task_events(request: Request) -> Response:
     subscriptions = [(task_id, resume.get(task_id)) for task_id in valid]
     body = stream_events(hub, subscriber, subscriptions, multiplexed_frame, prelude)
     return event_source(request, body, subscriber)
+
+
+def refusal_response(refused: dict[str, dict[str, object]], unknown: list[str]) -> Response:
+    """The HTTP error for a many-task stream none of whose tasks can be watched."""
+    for code, status in ((ErrorCode.INVALID_TASK_ID, 400), (ErrorCode.UNAUTHORIZED, 401)):
+        for data in refused.values():
+            if data["code"] == code:
+                return error_response(status, code, f"no task can be watched: {data['message']}")
+    return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown tasks: {', '.join(unknown)}")

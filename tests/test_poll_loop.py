@@ -96,9 +96,13 @@ async def test_a_hanging_result_call_does_not_hold_the_end_back(
 async def test_reconnects_to_an_unknown_task_cost_one_upstream_call(
     relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
 ) -> None:
-    for _ in range(50):
-        watcher = await watch_sse(http, relay.url, "no-such-task")
-        assert [e["code"] for e in watcher.errors] == ["task_not_found"]
+    watcher = await watch_sse(http, relay.url, "no-such-task")
+    assert [e["code"] for e in watcher.errors] == ["task_not_found"]
+    for _ in range(49):
+        # Known unknown: a 404 rather than a stream, so a plain EventSource stops retrying.
+        response = await http.get(f"{relay.url}/v1/tasks/no-such-task/events")
+        assert response.status_code == 404
+        assert response.json()["code"] == "task_not_found"
     async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
         for _ in range(50):
             await socket.send(json.dumps({"type": "subscribe", "taskId": "no-such-task"}))

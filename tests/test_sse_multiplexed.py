@@ -4,7 +4,8 @@ import asyncio
 
 import httpx
 
-from relay.sse import parse_stream_id
+from relay.hub import Hub, Subscriber, TaskHub
+from relay.sse import multiplexed_frame, parse_stream_id, stream_events
 
 from .clients import SSEEvent, Watcher, sse_events
 from .conftest import RelayFactory, SimulatedUpstream
@@ -86,6 +87,62 @@ async def test_bad_id_gets_its_own_error_and_the_others_go_on(
     assert [e["code"] for e in watchers["bad.id"].errors] == ["invalid_task_id"]
     assert [e["code"] for e in watchers["unknown-task"].errors] == ["task_not_found"]
     assert watchers[good].ended == "succeeded"
+
+    # A plain EventSource reconnects when the stream closes: it must be told to stop.
+    _, last_id = await watch_all(http, relay.url, [good, "unknown-task"])
+    assert last_id is not None
+    again = await http.get(
+        stream_url(relay.url, [good, "unknown-task"]), headers={"Last-Event-ID": last_id}
+    )
+    assert again.status_code == 204
+    only_bad = await http.get(stream_url(relay.url, ["bad.id", "unknown-task"]))
+    assert only_bad.status_code == 400 and only_bad.json()["code"] == "invalid_task_id"
+    only_unknown = await http.get(stream_url(relay.url, ["unknown-task"]))
+    assert only_unknown.status_code == 404 and only_unknown.json()["code"] == "task_not_found"
+
+
+async def test_a_new_stream_resumes_from_the_last_event_id_parameter(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    """A page re-opening its stream with another task list resumes the tasks it holds."""
+    relay = make_relay(linger=5.0)
+    held = upstream.start_task(queue=0, duration=3)
+    first = sse_events(http, stream_url(relay.url, [held]))
+    snapshot = await anext(first)
+    await first.aclose()
+    assert snapshot.event == "snapshot"
+    added = upstream.start_task(queue=0, duration=3)
+    url = stream_url(relay.url, [held, added]) + f"&lastEventId={snapshot.id}"
+    seen: dict[str, str] = {}
+    async for event in sse_events(http, url):
+        seen.setdefault(event.data["taskId"], event.event)
+        if len(seen) == 2:
+            break
+    assert seen == {held: "patch", added: "snapshot"}
+
+
+async def test_each_frame_of_a_many_task_stream_claims_only_what_was_sent_before_it() -> None:
+    async def idle(task: TaskHub) -> None:
+        await task.sleep(60)
+
+    hub = Hub(idle, linger=1.0, ended_ttl=1.0)
+    body = stream_events(hub, Subscriber("sse"), [("a", None), ("b", None)], multiplexed_frame)
+    try:
+        snapshots = asyncio.ensure_future(anext(body))
+        await asyncio.sleep(0.01)  # the stream subscribes and waits
+        for task_id in ("a", "b"):
+            hub.tasks[task_id].publish({"status": "running", "progress": 0.1})
+        await snapshots
+        for task_id in ("a", "b"):
+            hub.tasks[task_id].publish({"status": "running", "progress": 0.2})
+        chunk = (await anext(body)).decode()
+        a, b = hub.tasks["a"].seq, hub.tasks["b"].seq
+    finally:
+        await body.aclose()
+        await hub.close()
+    ids = [parse_stream_id(line[4:]) for line in chunk.splitlines() if line.startswith("id: ")]
+    # Should the connection break after the first frame, the client holds b's old state.
+    assert ids == [{"a": a, "b": b - 1}, {"a": a, "b": b}]
 
 
 async def test_too_many_ids_is_refused(make_relay: RelayFactory, http: httpx.AsyncClient) -> None:

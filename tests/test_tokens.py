@@ -104,17 +104,22 @@ async def test_multiplexed_stream_refuses_only_the_tasks_the_token_does_not_cove
     assert upstream.calls(other) == 0
 
 
-async def test_multiplexed_stream_without_a_token_refuses_every_task(
+async def test_multiplexed_stream_refuses_tasks_its_token_does_not_name(
     make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
 ) -> None:
     relay = make_relay(token_secret=SECRET)
     tasks = [upstream.start_task(), upstream.start_task()]
     url = f"{relay.url}/v1/events?taskId={tasks[0]}&taskId={tasks[1]}"
-    events = [event async for event in sse_events(http, url)]
-    assert [(e.event, e.data["taskId"], e.data["data"]["code"]) for e in events] == [
-        ("error", task_id, "unauthorized") for task_id in tasks
+    response = await http.get(url)
+    assert response.status_code == 401 and response.json()["code"] == "unauthorized"
+    # One task allowed: the stream opens, and the other gets its own error event.
+    token = mint(SECRET, [tasks[0]], ttl=60)
+    events = [event async for event in sse_events(http, f"{url}&token={token}")]
+    assert ("error", tasks[1], "unauthorized") in [
+        (e.event, e.data["taskId"], e.data["data"].get("code")) for e in events
     ]
-    assert sum(upstream.simulator.calls.values()) == 0
+    assert events[-1].event == "end" and events[-1].data["taskId"] == tasks[0]
+    assert upstream.calls(tasks[1]) == 0
 
 
 async def test_websocket_subscribe_needs_a_token_naming_the_task(
