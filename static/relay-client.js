@@ -499,6 +499,13 @@ function sseUrl(ids, token) {
     for (const id of ids) target.searchParams.append("taskId", id);
   }
   if (token !== undefined) target.searchParams.set("token", token);
+  // A new EventSource sends no Last-Event-ID: say where each task stands, so the relay
+  // sends patches for the tasks this page already holds instead of fresh snapshots.
+  const held = ids.map((id) => [id, sse.tasks.get(id)?.seq]).filter(([, seq]) => seq !== undefined);
+  if (held.length) {
+    const position = ids.length === 1 ? String(held[0][1]) : held.map(([id, seq]) => `${id}:${seq}`).join(",");
+    target.searchParams.set("lastEventId", position);
+  }
   return target.href;
 }
 

@@ -20,10 +20,13 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 import pytest_asyncio
+
+from relay.sse import parse_stream_id
 
 from .rfc7396 import EXAMPLES as RFC7396
 
@@ -465,6 +468,9 @@ async def test_sse_tasks_coming_and_going(servers: Servers, page: Page) -> None:
     assert all("/v1/events?" in url for url in streams[1:]), streams
     assert len(streams) == 3, streams
     assert streams[-1].count("taskId=") == 5, streams
+    # Each re-opened stream resumes the tasks the page holds, so they get patches.
+    query = parse_qs(urlsplit(streams[-1]).query)
+    assert set(parse_stream_id(query["lastEventId"][0])) == set(ids[1:]), streams
 
 
 @pytest.mark.timeout(60)
