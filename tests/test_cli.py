@@ -1,5 +1,6 @@
 """The `relay` command: flags over environment over defaults, one-line errors, first log line."""
 
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -94,3 +95,19 @@ def test_serve_without_upstream_says_it_runs_on_the_simulator() -> None:
 def test_procfile_runs_the_relay_on_port_on_all_interfaces() -> None:
     procfile = (Path(ROOT) / "Procfile").read_text()
     assert procfile.strip() == "web: relay serve --host 0.0.0.0 --port $PORT"
+
+
+def test_the_readme_limits_table_states_the_real_defaults() -> None:
+    """Every row of README's "Security and limits" table names an option and its default."""
+    section = (ROOT / "README.md").read_text().split("## Security and limits")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `(RELAY_[A-Z_]+)` \| ([^|]+) \|", section, flags=re.MULTILINE)
+    assert len(rows) >= 10, rows
+    by_env = {env: option for option in OPTIONS for env in option.env}
+    defaults = Settings()
+    for env, stated in rows:
+        value = getattr(defaults, by_env[env].name)
+        if value is None or value == ():
+            assert not stated.strip().startswith("`"), (env, stated)
+        else:
+            expected = f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
+            assert stated.strip() == expected, env
