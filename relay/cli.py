@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--throttle-rate", default="0", help="share of calls answered 429 with Retry-After"
     )
+    simulate.add_argument(
+        "--retry-after", default="1", help="seconds a 429 asks the caller to wait (default 1)"
+    )
     simulate.add_argument("--timeout-rate", default="0", help="share of calls that hang")
+    simulate.add_argument(
+        "--hang-seconds", default="30", help="how long a hanging call hangs (default 30)"
+    )
     simulate.add_argument(
         "--malformed-rate", default="0", help="share of calls answered with a non-JSON body"
     )
@@ -139,6 +145,8 @@ def simulate(args: argparse.Namespace) -> None:
         throttle_rate=parsed("--throttle-rate", fraction),
         timeout_rate=parsed("--timeout-rate", fraction),
         malformed_rate=parsed("--malformed-rate", fraction),
+        retry_after=parsed("--retry-after", non_negative_float),
+        hang_seconds=parsed("--hang-seconds", non_negative_float),
     )
     credentials = None
     if args.verify_signatures:

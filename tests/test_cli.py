@@ -111,3 +111,21 @@ def test_the_readme_limits_table_states_the_real_defaults() -> None:
         else:
             expected = f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
             assert stated.strip() == expected, env
+
+
+def test_relay_simulate_misbehaves_as_its_fault_flags_say() -> None:
+    flaky = ProcessServer(["simulate", "--error-rate", "1"]).start()
+    throttled = ProcessServer(["simulate", "--throttle-rate", "1", "--retry-after", "7"]).start()
+    broken = ProcessServer(["simulate", "--malformed-rate", "1"]).start()
+    try:
+        body = {"taskId": "any-task"}
+        path = "/scc/comfy_get_progress"
+        assert httpx.post(flaky.url + path, json=body).status_code == 500
+        answer = httpx.post(throttled.url + path, json=body)
+        assert answer.status_code == 429 and answer.headers["retry-after"] == "7"
+        answer = httpx.post(broken.url + path, json=body)
+        with pytest.raises(ValueError):
+            answer.json()
+    finally:
+        for server in (flaky, throttled, broken):
+            server.stop()

@@ -126,3 +126,24 @@ async def test_a_crashed_poll_loop_ends_its_task_with_a_final_internal_error() -
     ]
     assert cursor.done and hub.loop_count == 0
     await hub.close()
+
+
+async def test_a_subscriber_that_falls_behind_gets_one_combined_patch_then_a_snapshot() -> None:
+    async def idle(task: TaskHub) -> None:
+        await task.sleep(60)
+
+    hub = Hub(idle, linger=1.0, ended_ttl=1.0)
+    subscriber = Subscriber("test")
+    cursor = hub.subscribe("slow", subscriber)
+    task = cursor.task
+    task.publish({"status": "running", "progress": 0.0, "message": "a"})
+    assert [e.kind for e in cursor.pending()] == ["snapshot"]
+    for step in range(1, 4):
+        task.publish({"status": "running", "progress": step / 10, "message": "a"})
+    behind = cursor.pending()
+    assert [(e.kind, e.seq, e.data) for e in behind] == [("patch", task.seq, {"progress": 0.3})]
+    for step in range(100):  # past the remembered history
+        task.publish({"status": "running", "progress": step / 100, "message": str(step)})
+    assert [(e.kind, e.seq) for e in cursor.pending()] == [("snapshot", task.seq)]
+    hub.unsubscribe(cursor)
+    await hub.close()
