@@ -172,11 +172,22 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     page = await context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # The page works offline: no font, script or style from anywhere but the relay.
+    elsewhere: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            elsewhere.append(request.url)
+            if urlsplit(request.url).hostname not in (None, "127.0.0.1", "localhost")
+            else None
+        ),
+    )
     try:
         yield page
     finally:
         await context.close()
     assert not errors, f"uncaught errors on the page: {errors}"
+    assert not elsewhere, f"requests that left the machine: {elsewhere}"
 
 
 async def start_sim_task(base: str, **options: Any) -> str:
@@ -224,6 +235,27 @@ def record_event_sources(page: Page) -> list[str]:
 
     page.on("request", seen)
     return urls
+
+
+def record_resume_positions(page: Page) -> list[str | None]:
+    """For each EventSource request and WebSocket `subscribe`, the position it resumes from."""
+    positions: list[str | None] = []
+
+    async def request(request: Request) -> None:
+        if request.resource_type == "eventsource":
+            query = parse_qs(urlsplit(request.url).query)
+            header = (await request.all_headers()).get("last-event-id")  # `headers` hides it
+            positions.append(header or query.get("lastEventId", [None])[0])
+
+    def frame(payload: str | bytes) -> None:
+        message = json.loads(payload)
+        if message.get("type") == "subscribe":
+            seq = message.get("lastSeq")
+            positions.append(None if seq is None else str(seq))
+
+    page.on("request", request)
+    page.on("websocket", lambda socket: socket.on("framesent", frame))
+    return positions
 
 
 async def bar_value(page: Page, task_id: str) -> int:
@@ -274,6 +306,8 @@ async def test_client_state_equals_server_state(
 ) -> None:
     """Snapshot plus merge patches give exactly the state the relay holds."""
     _, base = await servers.relay()
+    sockets: list[Any] = []
+    page.on("websocket", lambda socket: sockets.append(socket))
     await open_demo(page, base, transport=transport)
     ok = await start_sim_task(base, duration=3, queue=1, fail=False)
     failing = await start_sim_task(base, duration=3, queue=0.5, fail=True)
@@ -297,6 +331,7 @@ async def test_client_state_equals_server_state(
     assert "state" in seen_running[ok]
     # the patch that ended the run removed the fields the final state does not have
     assert "state" not in await client_state(page, ok)
+    assert len(sockets) == (1 if transport == "ws" else 0), "one WebSocket for the page"
 
 
 @pytest.mark.timeout(90)
@@ -316,6 +351,7 @@ async def test_relay_restart_mid_task(
     upstream = await servers.simulator()
     port = free_port()
     relay, base = await servers.relay(port, "--upstream", upstream)
+    positions = record_resume_positions(page)
     await open_demo(page, base, transport=transport)
     task_id = await start_sim_task(upstream, duration=8, queue=0.5, fail=False)
     await watch(page, task_id)
@@ -338,6 +374,9 @@ async def test_relay_restart_mid_task(
     outage = next(i for i, s in enumerate(log) if s in ("down", "reconnecting"))
     assert "open" in log[outage:], log
     assert await client_state(page, task_id) == await server_state(base, task_id)
+    # It came back saying where it stood (a snapshot follows anyway: the new relay's
+    # numbers start afresh), over either transport.
+    assert any(position for position in positions[1:]), positions
 
 
 @pytest.mark.timeout(90)
