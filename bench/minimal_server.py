@@ -11,7 +11,7 @@ coalesces). `--interval 0` never pushes: idle clients, for memory. Routes:
 sse-starlette (no pings), to show what sse-starlette itself costs.
 
 It runs under `uvicorn.run` with the relay's own settings (uvloop, httptools,
-websockets-sansio, 64 KiB max WebSocket message).
+websockets-sansio, 64 KiB max WebSocket message, no permessage-deflate).
 """
 
 from __future__ import annotations
@@ -206,7 +206,9 @@ def main() -> None:
         port=args.port,
         log_level="warning",
         access_log=False,
+        ws="websockets-sansio",
         ws_max_size=64 * 1024,
+        ws_per_message_deflate=False,
         timeout_graceful_shutdown=3,
         server_header=False,
     )

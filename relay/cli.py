@@ -124,6 +124,9 @@ def serve(settings: Settings, log_level: str) -> None:
         access_log=False,
         ws=WS_BACKEND,
         ws_max_size=settings.ws_max_size,
+        # Compression contexts are per socket: each message would be compressed once per
+        # subscriber, not once per change, and each socket would hold a zlib state.
+        ws_per_message_deflate=settings.ws_compression,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )

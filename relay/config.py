@@ -266,6 +266,13 @@ OPTIONS: tuple[Option, ...] = (
         "largest WebSocket message a client may send, in bytes; larger closes 1009 (default 65536)",
     ),
     Option(
+        "ws_compression",
+        ("RELAY_WS_COMPRESSION",),
+        "--ws-compression",
+        boolean,
+        "offer permessage-deflate on WebSockets; costs CPU and memory per socket (default 0)",
+    ),
+    Option(
         "max_loops",
         ("RELAY_MAX_LOOPS",),
         "--max-loops",
@@ -302,6 +309,7 @@ class Settings:
     token_secret: str | None = field(default=None, repr=False)
     max_ws_subscriptions: int = 100
     ws_max_size: int = 65_536
+    ws_compression: bool = False
     max_loops: int = 10_000
 
     @property

@@ -80,9 +80,9 @@ class Metrics:
             registry=self.registry,
         )
         self.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks()))
-        for transport in ("sse", "ws"):
-            self.subscribers.labels(transport)
-            self.messages.labels(transport)
+        # Bound once: looking a label up costs more than the increment, on the hot path.
+        self._subscribers = {t: self.subscribers.labels(t) for t in ("sse", "ws")}
+        self._pushed = {t: self.messages.labels(t) for t in ("sse", "ws")}
         for outcome in ("ok", "not_found", "unauthorized", "error"):
             self.upstream_calls.labels(outcome)
 
@@ -100,10 +100,12 @@ class Metrics:
         self.poll_loops.inc(delta)
 
     def subscribers_changed(self, transport: str, delta: int) -> None:
-        self.subscribers.labels(transport).inc(delta)
+        child = self._subscribers.get(transport)
+        (child or self.subscribers.labels(transport)).inc(delta)
 
     def pushed(self, transport: str, count: int) -> None:
-        self.messages.labels(transport).inc(count)
+        child = self._pushed.get(transport)
+        (child or self.messages.labels(transport)).inc(count)
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

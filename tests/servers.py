@@ -42,6 +42,7 @@ class ThreadServer:
             access_log=False,
             ws="websockets-sansio",
             ws_max_size=64 * 1024,  # as relay/cli.py serves
+            ws_per_message_deflate=False,
             timeout_graceful_shutdown=2,
             lifespan="on",
         )

@@ -8,7 +8,7 @@ from websockets.exceptions import InvalidStatus
 
 from .clients import wait_for, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
-from .servers import ThreadServer
+from .servers import ProcessServer, ThreadServer
 
 
 async def recv(socket: Any) -> dict[str, Any]:
@@ -131,3 +131,16 @@ async def test_cross_site_upgrade_is_refused(relay: ThreadServer) -> None:
         origin=relay.url,  # type: ignore[arg-type]
     ) as socket:
         await socket.send(json.dumps({"type": "unsubscribe", "taskId": "abc"}))
+
+
+@pytest.mark.parametrize(("flags", "deflate"), [((), False), (("--ws-compression", "1"), True)])
+async def test_permessage_deflate_is_off_unless_asked_for(
+    flags: tuple[str, ...], deflate: bool
+) -> None:
+    relay = ProcessServer(["serve", *flags]).start()
+    try:
+        async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:  # offers deflate
+            extensions = socket.response.headers.get("Sec-WebSocket-Extensions") or ""
+            assert ("permessage-deflate" in extensions) is deflate
+    finally:
+        relay.stop()
