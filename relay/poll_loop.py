@@ -124,11 +124,10 @@ async def with_result(
     """
     deadline = time.monotonic() + time_limit
     for attempt in (1, 2):
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if time.monotonic() >= deadline:
             break
         try:
-            return {**state, "result": await upstream.result(task_id, request_timeout=left)}
+            return {**state, "result": await upstream.result(task_id, deadline)}
         except (UpstreamUnavailable, TaskNotFound, Unauthorized) as exc:
             logger.warning("task %s: result fetch %d failed: %s", task_id, attempt, exc)
     return state

@@ -111,15 +111,26 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"unexpected task status {data.get('status')!r}")
         return data
 
-    async def result(self, task_id: str, request_timeout: float | None = None) -> dict[str, Any]:
-        """The finished task's result (`images`, `result`)."""
-        return await self._call(RESULT_PATH, task_id, request_timeout)
+    async def result(self, task_id: str, deadline: float | None = None) -> dict[str, Any]:
+        """The finished task's result (`images`, `result`), by `deadline` (`time.monotonic()`)."""
+        return await self._call(RESULT_PATH, task_id, deadline)
 
-    async def _call(
-        self, path: str, task_id: str, request_timeout: float | None = None
-    ) -> dict[str, Any]:
+    async def _call(self, path: str, task_id: str, deadline: float | None = None) -> dict[str, Any]:
         body = dumps({"taskId": task_id}).encode()
-        await self.budget.acquire()
+        request_timeout = None
+        if deadline is None:
+            await self.budget.acquire()
+        else:
+            # Waiting for the budget (a 429 pause) may be cut short; a request in flight may
+            # not (httpx can leak a pool slot), so it gets only the time that is left.
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self.budget.acquire()
+            except TimeoutError:
+                raise UpstreamUnavailable("no upstream budget left before the deadline") from None
+            request_timeout = deadline - time.monotonic()
+            if request_timeout <= 0:
+                raise UpstreamUnavailable("no time left before the deadline")
         started = time.perf_counter()
         outcome = "error"
         try:

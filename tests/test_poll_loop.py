@@ -9,8 +9,8 @@ import httpx
 import pytest
 import websockets
 
-from relay.poll_loop import PollPolicy, poll_once
-from relay.signing import ApiGatewaySigner
+from relay.poll_loop import PollPolicy, poll_once, with_result
+from relay.signing import ApiGatewaySigner, NoSigner
 from relay.simulator import Simulator
 from relay.upstream import UpstreamClient, make_http_client
 
@@ -132,6 +132,25 @@ async def test_a_refused_signature_is_final_and_only_a_refused_timestamp_warns_o
             polled = await poll_once(task_id, UpstreamClient(http, server.url, stale, 2), policy, 0)
         assert polled.final is not None and polled.final[0] == "unauthorized"
         assert "clock" in caplog.text
+    finally:
+        await http.aclose()
+        server.stop()
+
+
+async def test_the_end_is_never_held_back_past_the_request_timeout_by_a_429_pause() -> None:
+    simulator = Simulator(fail_rate=0)
+    simulator.faults.retry_after = 30.0
+    simulator.faults.script.append("throttle")  # the first result call: 429, wait 30 s
+    server = ThreadServer(simulator.app).start()
+    http = make_http_client(timeout=2, max_connections=2)
+    try:
+        task_id = simulator.start_task(queue=0, duration=0).task_id
+        upstream = UpstreamClient(http, server.url, NoSigner(None), 2)
+        state = {"taskId": task_id, "status": "succeeded"}
+        started = time.monotonic()
+        final = await with_result(upstream, task_id, state, time_limit=1.0)
+        assert time.monotonic() - started < 2.0
+        assert final == state  # sent without the result rather than late
     finally:
         await http.aclose()
         server.stop()
