@@ -186,7 +186,6 @@ def create_app(settings: Settings) -> Starlette:
             ended_ttl=settings.ended_ttl,
             on_loops=metrics.loops_changed,
             on_subscribers=metrics.subscribers_changed,
-            on_pushed=metrics.pushed,
         )
         metrics.watch(upstream.budget, hub)
         app.state.hub = hub

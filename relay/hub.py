@@ -269,14 +269,13 @@ class Hub:
         ended_ttl: float,
         on_loops: Callable[[int], None] | None = None,
         on_subscribers: Callable[[str, int], None] | None = None,
-        on_pushed: Callable[[str, int], None] | None = None,
     ) -> None:
         self._poll = poll
         self._linger = linger
         self._ended_ttl = ended_ttl
         self._on_loops = on_loops
         self._on_subscribers = on_subscribers
-        self._on_pushed = on_pushed
+        self.pushed_counts: dict[str, int] = {}
         self.tasks: dict[str, TaskHub] = {}
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -284,8 +283,8 @@ class Hub:
         self._closing = False
 
     def pushed(self, transport: str, count: int) -> None:
-        if self._on_pushed is not None:
-            self._on_pushed(transport, count)
+        """Count messages sent to subscribers (read by the metrics when scraped)."""
+        self.pushed_counts[transport] = self.pushed_counts.get(transport, 0) + count
 
     @property
     def loop_count(self) -> int:

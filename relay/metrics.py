@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .budget import RateBudget
 from .hub import Hub
+
+
+class PushedMessages(Collector):
+    """`relay_messages_pushed_total`, read from the hub's plain counts when scraped.
+
+    Pushing is the hot path (once per subscriber and change): an int addition there,
+    rather than a locked Prometheus counter.
+    """
+
+    def __init__(self) -> None:
+        self.hub: Hub | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "relay_messages_pushed",
+            "Messages pushed to subscribers, by transport",
+            labels=["transport"],
+        )
+        counts = self.hub.pushed_counts if self.hub is not None else {}
+        for transport in ("sse", "ws"):
+            family.add_metric([transport], counts.get(transport, 0))
+        yield family
 
 
 class Metrics:
@@ -37,12 +62,8 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        self.messages = Counter(
-            "relay_messages_pushed",
-            "Messages pushed to subscribers, by transport",
-            ["transport"],
-            registry=self.registry,
-        )
+        self.messages = PushedMessages()
+        self.registry.register(self.messages)
         self.budget_waiting = Gauge(
             "relay_upstream_budget_waiting",
             "Poll loops waiting for their turn in the upstream rate budget",
@@ -80,9 +101,8 @@ class Metrics:
             registry=self.registry,
         )
         self.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks()))
-        # Bound once: looking a label up costs more than the increment, on the hot path.
+        # Bound once: looking a label up costs more than the increment.
         self._subscribers = {t: self.subscribers.labels(t) for t in ("sse", "ws")}
-        self._pushed = {t: self.messages.labels(t) for t in ("sse", "ws")}
         for outcome in ("ok", "not_found", "unauthorized", "error"):
             self.upstream_calls.labels(outcome)
 
@@ -91,6 +111,7 @@ class Metrics:
         self.budget_waiting.set_function(lambda: budget.waiting)
         self.budget_paused.set_function(lambda: budget.paused_for)
         self.backing_off.set_function(lambda: hub.backing_off)
+        self.messages.hub = hub
 
     def upstream_call(self, outcome: str, seconds: float) -> None:
         self.upstream_calls.labels(outcome).inc()
@@ -102,10 +123,6 @@ class Metrics:
     def subscribers_changed(self, transport: str, delta: int) -> None:
         child = self._subscribers.get(transport)
         (child or self.subscribers.labels(transport)).inc(delta)
-
-    def pushed(self, transport: str, count: int) -> None:
-        child = self._pushed.get(transport)
-        (child or self.messages.labels(transport)).inc(count)
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
