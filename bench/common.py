@@ -233,11 +233,18 @@ def start_relay(
     return Server("relay", argv, port, "/healthz")
 
 
-def start_minimal(interval: float, gc_stats: Path | None = None) -> Server:
-    """The stack's own limit: Starlette + sse-starlette / WebSocket pushing pre-encoded frames."""
+def start_minimal(
+    interval: float, gc_stats: Path | None = None, *, per_task: bool = False
+) -> Server:
+    """The stack's own limit: Starlette + sse-starlette / WebSocket pushing pre-encoded frames.
+
+    `per_task`: a broadcast per task ID, each at its own random phase (many tasks).
+    """
     port = free_port()
     argv = [*gc_wrapped("bench.minimal_server", gc_stats), "--port", str(port)]
     argv += ["--interval", str(interval)]
+    if per_task:
+        argv.append("--per-task")
     return Server("minimal", argv, port, "/healthz")
 
 

@@ -7,7 +7,8 @@ WebSocket connections use aiohttp's client. With `--latency`, every event's `sen
 
 Commands, one per line on stdin, each answered by one JSON line on stdout:
 `stats` (counters and this process's CPU time), `reset` (forget latency samples),
-`lat` (latency samples in ms, and per update the count and slowest delivery), `quit`.
+`lat` (latency samples in ms, and per update, keyed "taskId sentAt", the count and slowest
+delivery), `quit`.
 The process also quits when stdin closes or after `--max-seconds`.
 """
 
@@ -39,15 +40,17 @@ class Counters:
         self.samples: list[float] = []
         self.updates: dict[str, list[float]] = {}
 
-    def latency(self, stamp: str, now: float) -> None:
+    def latency(self, task_id: str, stamp: str, now: float) -> None:
+        """One delivery of the update stamped `stamp`; updates are told apart per task."""
         try:
             late = (now - float(stamp)) * 1000.0
         except ValueError:
             return
         self.samples.append(late)
-        update = self.updates.get(stamp)
+        key = f"{task_id} {stamp}"
+        update = self.updates.get(key)
         if update is None:
-            self.updates[stamp] = [1, late]
+            self.updates[key] = [1, late]
         else:
             update[0] += 1
             if late > update[1]:
@@ -117,7 +120,7 @@ class Client:
                             if i >= 0:
                                 stamp = sent_at(line[i:].decode())
                                 if stamp is not None:
-                                    c.latency(stamp, now)
+                                    c.latency(task_id, stamp, now)
                 else:
                     scanned = carry + chunk
                     found = scanned.count(DATA)
@@ -166,7 +169,7 @@ class Client:
                 if latency:
                     stamp = sent_at(text)
                     if stamp is not None:
-                        c.latency(stamp, now)
+                        c.latency(task_id, stamp, now)
                 if not ready:
                     ready = True
                     c.ready += 1

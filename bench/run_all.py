@@ -1,11 +1,12 @@
 """Run every benchmark and write their tables to one markdown file.
 
-    python -m bench.run_all            # the full suite, about 8-9 minutes on 2 cores
-    python -m bench.run_all --quick    # smaller counts and shorter windows, about 2 minutes
+    python -m bench.run_all            # the full suite, about 10 minutes on 2 cores
+    python -m bench.run_all --quick    # smaller counts and shorter windows, about 3 minutes
 
 Order: memory (RSS only, so it does not mind neighbours) runs beside upstream economy's
 first part (calls per task) and then wire bytes; economy's second part (throughput of many
-tasks) and fan-out and latency (CPU time and delay, which do mind) run alone afterwards.
+tasks), fan-out and latency on one hot task, then fan-out over many tasks (1,000 tasks x
+10 subscribers; quick: 100 x 10), all CPU time and delay, which do mind, run alone afterwards.
 Each benchmark is its own process with a time limit; each starts and stops its own
 servers and load clients on 127.0.0.1. A full run writes bench/results.md; a quick run
 writes to a temporary file unless `--out` is given.
@@ -71,6 +72,13 @@ def main() -> None:
     economy = start("economy", args.quick, "--part", "many")
     sections.append(finish(economy, time.monotonic() + LIMIT_SECONDS))
     fanout = start("fanout", args.quick, "--gc", "--servers", "relay,minimal,raw")
+    sections.append(finish(fanout, time.monotonic() + LIMIT_SECONDS))
+    # 10,000 subscribers over 1,000 tasks polled every 5 s: two windows of one interval
+    # per run keep the four runs (connecting 10,000 sockets each) near two minutes.
+    many = ["--tasks", "100"]
+    if not args.quick:
+        many = ["--sizes", "10000", "--tasks", "1000", "--reps", "2", "--window", "5"]
+    fanout = start("fanout", args.quick, "--gc", "--servers", "relay,minimal", *many)
     sections.append(finish(fanout, time.monotonic() + LIMIT_SECONDS))
 
     took = time.monotonic() - started
