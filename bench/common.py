@@ -457,3 +457,29 @@ def idle_state(task_id: str) -> dict[str, Any]:
         "etaRelative": 0,
         "lastQueueRemaining": 9,
     }
+
+
+def collapsed_samples(
+    collapsed: str, full_path: bool = False
+) -> tuple[dict[str, int], dict[str, int], int]:
+    """Self and inclusive sample counts per function, and the total, from py-spy's
+    collapsed stacks (`frame;frame;... count` lines). A function is named
+    `name (file)`, the file with its path when `full_path`."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = []
+        for frame in stack.split(";"):
+            name, _, where = frame.partition(" (")
+            where = where.split(":")[0]
+            frames.append(f"{name} ({where if full_path else where.rsplit('/', 1)[-1]})")
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    return own, inclusive, total

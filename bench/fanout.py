@@ -40,6 +40,7 @@ from .common import (
     LOG_DIR,
     LoadGroup,
     Server,
+    collapsed_samples,
     command_line,
     emit,
     http_json,
@@ -264,22 +265,7 @@ def profile_summary(collapsed: str, us_per_msg: float, top: int = 45) -> str:
     the samples is its share of the busy CPU time; times the measured CPU per message, it
     is that function's cost per delivered message.
     """
-    own: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = 0
-    for line in collapsed.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        frames = []
-        for frame in stack.split(";"):
-            name, _, where = frame.partition(" (")
-            frames.append(f"{name} ({where.rsplit('/', 1)[-1].split(':')[0]})")
-        own[frames[-1]] = own.get(frames[-1], 0) + count
-        for frame in set(frames):
-            inclusive[frame] = inclusive.get(frame, 0) + count
+    own, inclusive, total = collapsed_samples(collapsed)
     total = max(total, 1)
     lines = [f"{total} samples; {us_per_msg:.1f} µs CPU per message measured without py-spy", ""]
     for title, counts in (("self", own), ("inclusive", inclusive)):

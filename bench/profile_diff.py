@@ -14,28 +14,15 @@ import argparse
 import re
 from pathlib import Path
 
+from .common import collapsed_samples
+
 
 def load(stem: str) -> tuple[dict[str, float], dict[str, float], float]:
     """Self and inclusive µs per message by function, and the measured µs per message."""
     header = Path(stem + ".top.txt").read_text().splitlines()[0]
     match = re.search(r"; ([\d.]+) µs", header)
     us_per_msg = float(match.group(1)) if match else 0.0
-    own: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = 0
-    for line in Path(stem + ".txt").read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        frames = []
-        for frame in stack.split(";"):
-            name, _, where = frame.partition(" (")
-            frames.append(f"{name} ({where.split(':')[0]}")
-        own[frames[-1]] = own.get(frames[-1], 0) + count
-        for frame in set(frames):
-            inclusive[frame] = inclusive.get(frame, 0) + count
+    own, inclusive, total = collapsed_samples(Path(stem + ".txt").read_text(), full_path=True)
     scale = us_per_msg / max(total, 1)
     return (
         {k: v * scale for k, v in own.items()},
