@@ -17,7 +17,7 @@ and WebSocket shares one broadcast whose frames name the task `hot`. Routes:
 sse-starlette (no pings), to show what sse-starlette itself costs.
 
 It runs under `uvicorn.run` with the relay's own settings (uvloop, httptools,
-websockets-sansio, 64 KiB max WebSocket message, no permessage-deflate).
+websockets-sansio, 64 KiB max WebSocket message, no permessage-deflate, its GC thresholds).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import random
 import time
@@ -39,6 +40,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from relay.cli import GC_THRESHOLDS
 
 from .common import HOST, hot_patch, hot_state
 
@@ -245,6 +248,7 @@ def main() -> None:
         help="a broadcast per task ID, each pushing at a random phase",
     )
     args = parser.parse_args()
+    gc.set_threshold(*GC_THRESHOLDS)  # as `relay serve` does: the stack at its best
     uvicorn.run(
         create_app(args.interval, args.per_task),
         host=HOST,
