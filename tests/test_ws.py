@@ -45,23 +45,25 @@ async def test_garbage_frames_get_bad_request_and_the_socket_keeps_working(
     relay: ThreadServer, upstream: SimulatedUpstream
 ) -> None:
     task_id = upstream.start_task()
-    garbage: list[str | bytes] = [
-        "not json",
-        "[1, 2]",
-        '{"type": "dance"}',
-        '{"type": "subscribe"}',
-        '{"type": "subscribe", "taskId": 12}',
-        json.dumps({"type": "subscribe", "taskId": task_id, "lastSeq": "x"}),
-        json.dumps({"type": "subscribe", "taskId": task_id, "lastSeq": -1}),
-        "[" * 5000 + "]" * 5000,
-        b"\x00\x01binary",
+    # A message the relay cannot read is bad_request; a readable subscribe whose task ID
+    # is missing or malformed is invalid_task_id, as on the other transports.
+    garbage: list[tuple[str | bytes, str]] = [
+        ("not json", "bad_request"),
+        ("[1, 2]", "bad_request"),
+        ('{"type": "dance"}', "bad_request"),
+        ('{"type": "subscribe"}', "invalid_task_id"),
+        ('{"type": "subscribe", "taskId": 12}', "invalid_task_id"),
+        (json.dumps({"type": "subscribe", "taskId": task_id, "lastSeq": "x"}), "bad_request"),
+        (json.dumps({"type": "subscribe", "taskId": task_id, "lastSeq": -1}), "bad_request"),
+        ("[" * 5000 + "]" * 5000, "bad_request"),
+        (b"\x00\x01binary", "bad_request"),
     ]
     async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
-        for frame in garbage:
+        for frame, code in garbage:
             await socket.send(frame)
             reply = await recv(socket)
             assert reply["type"] == "error", frame
-            assert reply["data"]["code"] in ("bad_request", "invalid_task_id"), reply
+            assert reply["data"]["code"] == code, (frame, reply)
             assert reply["data"]["retrying"] is False
         await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
         assert (await recv(socket))["type"] == "snapshot"
