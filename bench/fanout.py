@@ -412,11 +412,6 @@ def main() -> None:
         "--gc", action="store_true", help="count garbage collections (bench/gcwrap.py)"
     )
     parser.add_argument(
-        "--relay-gc-threshold",
-        default="",
-        help="A,B,C: an experiment, gc.set_threshold in the relay",
-    )
-    parser.add_argument(
         "--relay-gc-freeze", type=float, default=0, help="S: an experiment, gc.freeze() after S s"
     )
     parser.add_argument(
@@ -439,8 +434,6 @@ def main() -> None:
     if args.window is None:
         args.window = 4.0 if args.tasks == 1 else args.task_interval
     relay_gc = []
-    if args.relay_gc_threshold:
-        relay_gc += ["--threshold", args.relay_gc_threshold]
     if args.relay_gc_freeze:
         relay_gc += ["--freeze-after", str(args.relay_gc_freeze)]
     args.gc = args.gc or bool(relay_gc)

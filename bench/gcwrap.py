@@ -6,9 +6,9 @@ their duration per generation with `gc.callbacks`, and writes the totals as JSON
 from the callback itself (at most every 0.2 s; collections are frequent under load, and
 an idle process has nothing new to tell). No thread is added to the measured process.
 
-Options, for experiments on the relay without changing it:
-`--threshold A,B,C` calls `gc.set_threshold(A, B, C)` first;
-`--freeze-after S` calls `gc.freeze()` S seconds after start (after imports and startup).
+Option, an experiment on the relay without changing it: `--freeze-after S` calls
+`gc.freeze()` S seconds after start (after imports and startup). (Thresholds are not an
+option here: `relay serve` sets its own, see relay/cli.py.)
 """
 
 from __future__ import annotations
@@ -50,10 +50,7 @@ def main() -> None:
     out_path = Path(args.pop(0))
     while args and args[0].startswith("--"):
         option = args.pop(0)
-        if option == "--threshold":
-            a, b, c = (int(x) for x in args.pop(0).split(","))
-            gc.set_threshold(a, b, c)
-        elif option == "--freeze-after":
+        if option == "--freeze-after":
             timer = threading.Timer(float(args.pop(0)), gc.freeze)
             timer.daemon = True
             timer.start()
