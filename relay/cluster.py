@@ -213,11 +213,13 @@ class Cluster:
             return None
         return int(seq), json.loads(state)
 
-    async def store(self, task: TaskHub, state: dict[str, Any], seq: int) -> bool:
-        """Store and publish a change while we hold the lease; False when we lost it."""
-        patch = None
-        if task.state is not None and seq == task.seq + 1:
-            patch = merge_patch(task.state, state)
+    async def store(
+        self, task: TaskHub, state: dict[str, Any], seq: int, patch: dict[str, Any] | None
+    ) -> bool:
+        """Store and publish a change while we hold the lease; False when we lost it.
+
+        `patch` leads from the state the task holds to `state` (None for a first state).
+        """
         message = {"t": task.task_id, "s": seq, "state": state, "p": patch}
         args = [
             self.node_id,
@@ -402,9 +404,11 @@ async def poll_and_publish(
         task.report_unavailable(polled.fault)
         return failures + 1, polled.delay
     assert polled.state is not None
-    if task.state is None or merge_patch(task.state, polled.state):
+    # One diff serves three purposes: is it a change, what to publish, what to apply.
+    patch = merge_patch(task.state, polled.state) if task.state is not None else None
+    if patch is None or patch:
         seq = task.next_seq()
-        if not await cluster.store(task, polled.state, seq):
+        if not await cluster.store(task, polled.state, seq, patch):
             return None
-        task.publish(polled.state, seq=seq)
+        task.publish(polled.state, seq=seq, patch=patch)
     return 0, polled.delay
