@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -19,23 +17,18 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from .backend import Backend, LocalBackend
 from .budget import RateBudget
 from .config import Settings
 from .hub import Hub, TaskHub
 from .limits import ConnectionLimit
 from .metrics import Metrics
-from .poll_loop import PollPolicy, poll_task
-from .protocol import (
-    ErrorCode,
-    error_response,
-    invalid_task_id_message,
-    is_valid_task_id,
-    task_id_in_path,
-)
+from .poll_loop import LoopSignal, PollPolicy, poll_task
+from .protocol import ErrorCode, error_response, task_id_in_path
+from .service import Relay, StateLookup, relay_of
 from .signing import make_signer
 from .simulator import Simulator
-from .sse import many_task_events, task_events
-from .tokens import grant
+from .sse import many_task_events, refusal_response, task_events
 from .upstream import (
     TaskNotFound,
     Unauthorized,
@@ -55,49 +48,23 @@ STATIC_DIR = next(
 SIMULATOR_URL = "http://simulator.invalid"
 
 
-class StateLookup:
-    """`GET /v1/tasks/{id}` without a loop: one upstream call, shared by concurrent requests."""
-
-    def __init__(self, upstream: UpstreamClient) -> None:
-        self._upstream = upstream
-        self._calls: dict[str, asyncio.Future[dict[str, Any]]] = {}
-
-    async def fetch(self, task_id: str) -> dict[str, Any]:
-        call = self._calls.get(task_id)
-        if call is None:
-            call = asyncio.ensure_future(self._upstream.progress(task_id))
-            self._calls[task_id] = call
-            call.add_done_callback(lambda _: self._calls.pop(task_id, None))
-        return await asyncio.shield(call)
-
-
 async def task_state(request: Request) -> Response:
-    """`GET /v1/tasks/{taskId}`: the current state, from the running loop when there is one."""
+    """`GET /v1/tasks/{taskId}`: the current state, with `X-Relay-Seq` when it is numbered."""
+    relay = relay_of(request)
     task_id = task_id_in_path(request.scope)
-    if not is_valid_task_id(task_id):
-        return error_response(400, ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id))
-    token = request.query_params.get("token")
-    refusal = grant(request.app.state.settings.token_secret, token).refusal(task_id)
+    refusal = relay.refuse(task_id, request.query_params.get("token"))
     if refusal is not None:
-        return error_response(401, ErrorCode.UNAUTHORIZED, refusal)
-    task: TaskHub | None = request.app.state.hub.get(task_id)
-    if task is not None and task.state is not None:
-        return JSONResponse(task.state, headers={"X-Relay-Seq": str(task.seq)})
-    if task is not None and task.ended:
-        return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown task {task_id}")
-    cluster = request.app.state.cluster
-    if cluster is not None and (stored := await cluster.stored_state(task_id)) is not None:
-        seq, state = stored
-        return JSONResponse(state, headers={"X-Relay-Seq": str(seq)})
+        return refusal_response(refusal)
     try:
-        state = await request.app.state.lookup.fetch(task_id)
+        state, seq = await relay.current_state(task_id)
     except TaskNotFound:
         return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown task {task_id}")
     except Unauthorized:
         return error_response(502, ErrorCode.UNAUTHORIZED, "the upstream refused the relay")
     except UpstreamUnavailable as exc:
         return error_response(503, ErrorCode.UPSTREAM_UNAVAILABLE, str(exc))
-    return JSONResponse(state)
+    headers = {"X-Relay-Seq": str(seq)} if seq is not None else None
+    return JSONResponse(state, headers=headers)
 
 
 class AnyTextConvertor(Convertor[str]):
@@ -126,8 +93,7 @@ async def task_route(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """Liveness; in cluster mode `degraded` while Redis is unreachable (still serving)."""
-    cluster = request.app.state.cluster
-    if cluster is not None and not cluster.healthy:
+    if not relay_of(request).backend.healthy:
         return JSONResponse({"status": "degraded", "redis": "unreachable"})
     return JSONResponse({"status": "ok"})
 
@@ -165,20 +131,16 @@ def create_app(settings: Settings) -> Starlette:
             request_timeout=settings.request_timeout,
         )
 
-        cluster = None
+        backend: Backend = LocalBackend()
         if settings.redis_url is not None:
             # Imported here so that a single relay never needs redis installed.
-            from .cluster import Cluster, poll_task_clustered
+            from .redis_backend import RedisBackend
 
-            cluster = Cluster(settings.redis_url, settings.lease_ttl, metrics)
-            clustered = cluster
+            backend = RedisBackend(settings.redis_url, settings.lease_ttl, metrics)
+        chosen = backend
 
-            async def poll(task: TaskHub) -> None:
-                await poll_task_clustered(task, clustered, upstream, policy, settings.linger)
-        else:
-
-            async def poll(task: TaskHub) -> None:
-                await poll_task(task, upstream, policy)
+        async def poll(task: TaskHub, signal: LoopSignal) -> None:
+            await poll_task(task, signal, chosen, upstream, policy)
 
         hub = Hub(
             poll,
@@ -188,17 +150,13 @@ def create_app(settings: Settings) -> Starlette:
             on_subscribers=metrics.subscribers_changed,
         )
         metrics.watch(upstream.budget, hub)
-        app.state.hub = hub
-        app.state.cluster = cluster
-        app.state.lookup = StateLookup(upstream)
-        if cluster is not None:
-            cluster.start(hub)
+        app.state.relay = Relay(settings, hub, backend, upstream, metrics, StateLookup(upstream))
+        backend.start(hub.receive)
         try:
             yield
         finally:
             await hub.close()
-            if cluster is not None:
-                await cluster.close()
+            await backend.close()
             await http.aclose()
 
     routes: list[BaseRoute] = [
@@ -227,8 +185,5 @@ def create_app(settings: Settings) -> Starlette:
         )
     middleware.append(Middleware(ConnectionLimit, limit=settings.max_connections))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = metrics
     app.state.simulator = simulator
-    app.state.cluster = None
     return app

@@ -1,11 +1,10 @@
-"""The per-task hub: state, sequence numbers, recent history and subscribers of every watched task.
+"""The hub: every watched task's state, sequence numbers, recent history and subscribers.
 
-Subscribers hold no queue. A change marks each subscriber's cursor dirty and wakes
-it; when the subscriber's sender gets to it, the cursor works out what that
-subscriber still lacks: the shared, pre-encoded patch when it is one change
-behind, one combined patch when it is further behind but the state it holds
-is remembered, a snapshot otherwise. A slow client therefore costs one cursor,
-never a backlog, and never slows the poll loop or anyone else.
+`TaskHub` is one task: what the relay knows of it and the events that say so, each
+encoded once however many subscribers it reaches (see `subscriber.py` for how a
+subscriber catches up). `Hub` is all of them in this process: it starts a task's
+poll loop with its first subscriber, tells the loop when the last one has been
+gone for the linger, and forgets an ended task after its TTL.
 """
 
 from __future__ import annotations
@@ -17,65 +16,17 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .backend import Change
 from .patch import merge_patch
-from .protocol import ErrorCode, Event, error_data
-from .upstream import TERMINAL
+from .poll_loop import LoopSignal, about
+from .protocol import TERMINAL, ErrorCode, Event, error_data
+from .subscriber import Cursor, Subscriber
 
 logger = logging.getLogger("relay.hub")
 
 HISTORY_SIZE = 64
 NOT_FOUND_TTL = 10.0
 MAX_ENDED_TASKS = 10_000
-
-
-class Subscriber:
-    """One connection's interest in its tasks; its sender sleeps until one has news."""
-
-    __slots__ = ("_dirty", "_wake", "closing", "transport")
-
-    def __init__(self, transport: str) -> None:
-        self.transport = transport
-        self.closing = False
-        self._dirty: dict[Cursor, None] = {}
-        self._wake = asyncio.Event()
-
-    def mark(self, cursor: Cursor) -> None:
-        self._dirty[cursor] = None
-        self._wake.set()
-
-    def poke(self) -> None:
-        """Wake the sender for something of the connection's own (a reply to the client)."""
-        self._wake.set()
-
-    def close(self) -> None:
-        """Ask the sender to finish (server shutdown, or the connection is being dropped)."""
-        self.closing = True
-        self._wake.set()
-
-    async def changed(self) -> list[Cursor]:
-        """Wait for news, then return the cursors that have some (empty when closing)."""
-        await self._wake.wait()
-        self._wake.clear()
-        dirty = list(self._dirty)
-        self._dirty.clear()
-        return dirty
-
-
-class Cursor:
-    """Where one subscriber stands in one task's history."""
-
-    __slots__ = ("done", "notice_gen", "seq", "subscriber", "task")
-
-    def __init__(self, task: TaskHub, subscriber: Subscriber, seq: int | None) -> None:
-        self.task = task
-        self.subscriber = subscriber
-        self.seq = seq
-        self.notice_gen = 0
-        self.done = False
-
-    def pending(self) -> list[Event]:
-        """The events this subscriber lacks, oldest first; advances the cursor past them."""
-        return self.task.catch_up(self)
 
 
 class TaskHub:
@@ -87,8 +38,6 @@ class TaskHub:
         self.seq = 0
         self.cursors: set[Cursor] = set()
         self.ended = False
-        self.stop_requested = False
-        self.shutting_down = False
         self._history: deque[tuple[int, dict[str, Any]]] = deque(maxlen=HISTORY_SIZE)
         self._last_patch: Event | None = None
         self._last_patch_from = 0
@@ -96,7 +45,6 @@ class TaskHub:
         self._notice: Event | None = None
         self._notice_gen = 0
         self._final: Event | None = None
-        self._wakeup = asyncio.Event()
 
     # -- written by the poll loop ---------------------------------------------------
 
@@ -151,6 +99,19 @@ class TaskHub:
             self._final = Event("end", self.task_id, seq, {"status": state["status"]})
         self._notify()
         return True
+
+    def apply(self, change: Change) -> None:
+        """Take a change polled by another node (or read back from the store)."""
+        state, seq = change.state, change.seq
+        published = state is not None and seq is not None and self.publish(state, seq, change.patch)
+        if published and change.history:
+            self.remember(change.history)
+        if change.error is not None:
+            code, message = ErrorCode(change.error["code"]), change.error["message"]
+            if change.final:
+                self.fail(code, message)
+            else:
+                self.report_unavailable(message)
 
     def remember(self, history: list[tuple[int, dict[str, Any]]]) -> None:
         """Add older states (oldest first) so that resumes from them get a patch."""
@@ -237,25 +198,8 @@ class TaskHub:
         for cursor in self.cursors:
             cursor.subscriber.mark(cursor)
 
-    # -- the loop's pacing ----------------------------------------------------------
 
-    def request_stop(self) -> None:
-        self.stop_requested = True
-        self._wakeup.set()
-
-    async def sleep(self, seconds: float) -> None:
-        """Sleep between polls; returns early when the loop is asked to stop."""
-        if self.stop_requested:
-            return
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), seconds)
-        except TimeoutError:
-            pass
-        finally:
-            self._wakeup.clear()
-
-
-PollLoop = Callable[[TaskHub], Coroutine[Any, Any, None]]
+PollLoop = Callable[[TaskHub, LoopSignal], Coroutine[Any, Any, None]]
 
 
 class Hub:
@@ -276,8 +220,8 @@ class Hub:
         self._on_loops = on_loops
         self._on_subscribers = on_subscribers
         self.pushed_counts: dict[str, int] = {}
-        self.tasks: dict[str, TaskHub] = {}
-        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, TaskHub] = {}
+        self._loops: dict[str, tuple[asyncio.Task[None], LoopSignal]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._ended: dict[str, None] = {}
         self._closing = False
@@ -291,15 +235,26 @@ class Hub:
         return len(self._loops)
 
     @property
+    def task_count(self) -> int:
+        """Tasks held in memory: watched, lingering, or ended and kept for late subscribers."""
+        return len(self._tasks)
+
+    @property
     def backing_off(self) -> int:
-        return sum(1 for task in self.tasks.values() if task.unavailable)
+        return sum(1 for task in self._tasks.values() if task.unavailable)
 
     @property
     def subscriber_count(self) -> int:
-        return sum(len(task.cursors) for task in self.tasks.values())
+        return sum(len(task.cursors) for task in self._tasks.values())
 
     def get(self, task_id: str) -> TaskHub | None:
-        return self.tasks.get(task_id)
+        return self._tasks.get(task_id)
+
+    def receive(self, change: Change) -> None:
+        """A change from another node of the cluster, for a task watched here."""
+        task = self._tasks.get(change.task_id)
+        if task is not None:
+            task.apply(change)
 
     def subscribe(self, task_id: str, subscriber: Subscriber, seq: int | None = None) -> Cursor:
         """Add a subscriber to a task, starting its poll loop if it has none.
@@ -307,17 +262,21 @@ class Hub:
         The cursor is marked dirty at once, so the subscriber receives what the
         relay already holds (snapshot, patch or end) without waiting for a poll.
         """
-        task = self.tasks.get(task_id)
+        task = self._tasks.get(task_id)
         if task is None:
-            task = self.tasks[task_id] = TaskHub(task_id)
+            task = self._tasks[task_id] = TaskHub(task_id)
         cursor = Cursor(task, subscriber, seq)
         # A client that already holds an ended task's last state is owed nothing more.
         cursor.done = task.delivered_all(seq)
         task.cursors.add(cursor)
-        self._cancel_timer(task_id)
         if not task.ended:
-            task.stop_requested = False
-            if task_id not in self._loops and not self._closing:
+            # The linger timer, if any. An ended task keeps its forget timer: a late
+            # subscriber must not keep it in memory for ever.
+            self._cancel_timer(task_id)
+            loop = self._loops.get(task_id)
+            if loop is not None:
+                loop[1].want()
+            elif not self._closing:
                 self._start_loop(task)
         if self._on_subscribers is not None:
             self._on_subscribers(subscriber.transport, 1)
@@ -335,17 +294,19 @@ class Hub:
             self._set_timer(task.task_id, self._linger, self._linger_expired)
 
     def _start_loop(self, task: TaskHub) -> None:
-        self._loops[task.task_id] = asyncio.create_task(
-            self._run(task), name=f"poll {task.task_id}"
-        )
+        signal = LoopSignal()
+        loop = asyncio.create_task(self._run(task, signal), name=f"poll {task.task_id}")
+        self._loops[task.task_id] = (loop, signal)
         if self._on_loops is not None:
             self._on_loops(1)
 
-    async def _run(self, task: TaskHub) -> None:
+    async def _run(self, task: TaskHub, signal: LoopSignal) -> None:
         try:
-            await self._poll(task)
+            await self._poll(task, signal)
         except Exception:
-            logger.exception("poll loop for task %s crashed", task.task_id)
+            logger.exception(
+                "poll loop for task %s crashed", task.task_id, extra=about(task.task_id)
+            )
             task.fail(ErrorCode.INTERNAL_ERROR, "the relay failed while polling this task")
         finally:
             del self._loops[task.task_id]
@@ -354,7 +315,7 @@ class Hub:
             self._loop_finished(task)
 
     def _loop_finished(self, task: TaskHub) -> None:
-        if self.tasks.get(task.task_id) is not task:
+        if self._tasks.get(task.task_id) is not task:
             return
         if task.ended:
             ttl = self._ended_ttl
@@ -364,10 +325,9 @@ class Hub:
             self._set_timer(task.task_id, ttl, self._forget)
         elif task.cursors and not self._closing:
             # A subscriber arrived while the loop was stopping: it needs a loop.
-            task.stop_requested = False
             self._start_loop(task)
         else:
-            del self.tasks[task.task_id]
+            del self._tasks[task.task_id]
 
     def _remember_ended(self, task_id: str) -> None:
         self._ended[task_id] = None
@@ -377,16 +337,17 @@ class Hub:
 
     def _linger_expired(self, task_id: str) -> None:
         self._timers.pop(task_id, None)
-        task = self.tasks.get(task_id)
-        if task is not None and not task.cursors:
-            task.request_stop()
+        task = self._tasks.get(task_id)
+        loop = self._loops.get(task_id)
+        if task is not None and not task.cursors and loop is not None:
+            loop[1].withdraw()
 
     def _forget(self, task_id: str) -> None:
         self._cancel_timer(task_id)
         self._ended.pop(task_id, None)
-        task = self.tasks.get(task_id)
+        task = self._tasks.get(task_id)
         if task is not None and task.ended:
-            del self.tasks[task_id]
+            del self._tasks[task_id]
 
     def _set_timer(self, task_id: str, delay: float, callback: Callable[[str], None]) -> None:
         self._cancel_timer(task_id)
@@ -404,12 +365,12 @@ class Hub:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in self.tasks.values():
-            task.shutting_down = True
-            task.request_stop()
+        for _, signal in self._loops.values():
+            signal.shut_down()
+        for task in self._tasks.values():
             for cursor in list(task.cursors):
                 cursor.subscriber.close()
-        loops = list(self._loops.values())
+        loops = [loop for loop, _ in self._loops.values()]
         if loops:
             _, pending = await asyncio.wait(loops, timeout=grace)
             for loop_task in pending:

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import struct
-from typing import Any
-
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -59,23 +54,3 @@ def overloaded_response(message: str) -> JSONResponse:
         status_code=503,
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
     )
-
-
-def drop_connection(receive: Receive) -> bool:
-    """Reset the TCP connection behind an ASGI `receive`; False when the server hides it.
-
-    A client that stopped reading leaves bytes in the socket's buffers, and a graceful
-    close waits for them to drain, which never happens: the socket would stay open
-    for as long as the client does. The ASGI interface has no abort, so this reaches
-    the transport of the uvicorn protocol `receive` belongs to, and resets the
-    connection (SO_LINGER 0), which frees the socket and its buffers at once.
-    """
-    transport: Any = getattr(getattr(receive, "__self__", None), "transport", None)
-    if transport is None or not callable(getattr(transport, "abort", None)):
-        return False
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-    return True

@@ -44,6 +44,11 @@ class Metrics:
         self.poll_loops = Gauge(
             "relay_poll_loops", "Poll loops running in this process", registry=self.registry
         )
+        self.tasks = Gauge(
+            "relay_tasks",
+            "Tasks held in memory: watched, lingering, or ended and kept for late subscribers",
+            registry=self.registry,
+        )
         self.subscribers = Gauge(
             "relay_subscribers",
             "Task subscriptions held, by transport",
@@ -111,6 +116,7 @@ class Metrics:
         self.budget_waiting.set_function(lambda: budget.waiting)
         self.budget_paused.set_function(lambda: budget.paused_for)
         self.backing_off.set_function(lambda: hub.backing_off)
+        self.tasks.set_function(lambda: hub.task_count)
         self.messages.hub = hub
 
     def upstream_call(self, outcome: str, seconds: float) -> None:

@@ -1,16 +1,27 @@
-"""The poll loop: one per watched task, polling upstream until the task ends or nobody watches."""
+"""The poll loop: one per watched task, polling upstream until the task ends or nobody watches.
+
+The same loop serves a relay alone and a node of a cluster: the `Backend` says
+whether this node may poll (it holds the task's lease) and takes every change it
+polled. A node that may not poll follows: it keeps its interest recorded and
+reads the stored state now and then, in case the polling node went quiet.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from .hub import TaskHub
+from .backend import Backend, Change
+from .patch import merge_patch
 from .protocol import ErrorCode
 from .upstream import TaskNotFound, Unauthorized, UpstreamClient, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from .hub import TaskHub
 
 logger = logging.getLogger("relay.poll")
 
@@ -31,6 +42,7 @@ class PollPolicy:
     backoff_max: float = 30.0
     fetch_result: bool = True
     request_timeout: float = 10.0
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def next_interval(self, state: dict[str, Any]) -> float:
         delay = self.interval
@@ -38,15 +50,56 @@ class PollPolicy:
             queue = state.get("lastQueueRemaining")
             ahead = queue if isinstance(queue, int) and not isinstance(queue, bool) else 1
             delay = min(self.interval * (1 + max(ahead, 0)), max(self.waiting_max, self.interval))
-        return delay * random.uniform(1 - self.jitter, 1 + self.jitter)
+        return delay * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
 
     def backoff(self, failures: int, retry_after: float | None = None) -> float:
         """Capped exponential backoff with jitter; never shorter than the upstream asked."""
         ceiling = min(self.backoff_max, self.backoff_base * 2 ** min(failures - 1, 30))
-        delay = random.uniform(ceiling / 2, ceiling)
+        delay = self.rng.uniform(ceiling / 2, ceiling)
         if retry_after is not None:
             delay = max(delay, retry_after)
         return delay
+
+
+class LoopSignal:
+    """What the hub tells a task's loop: whether this node still wants the task, or stop.
+
+    The loop sleeps between polls on `sleep`, which any of these wakes early.
+    """
+
+    __slots__ = ("_wake", "shutting_down", "wanted")
+
+    def __init__(self) -> None:
+        self.wanted = True
+        self.shutting_down = False
+        self._wake = asyncio.Event()
+
+    def want(self) -> None:
+        """A subscriber arrived (again)."""
+        self.wanted = True
+
+    def withdraw(self) -> None:
+        """The last subscriber has been gone for the linger."""
+        self.wanted = False
+        self._wake.set()
+
+    def shut_down(self) -> None:
+        self.shutting_down = True
+        self._wake.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep between polls; returns early when woken."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._wake.clear()
+
+
+def about(task_id: str) -> dict[str, str]:
+    """The `extra` of a log record about one task (a field of its own in JSON logs)."""
+    return {"task_id": task_id}
 
 
 @dataclass
@@ -71,7 +124,7 @@ async def poll_once(
     except TaskNotFound as exc:
         return Polled(final=(ErrorCode.TASK_NOT_FOUND, str(exc)))
     except Unauthorized as exc:
-        logger.error("task %s: %s; check the AccessKey pair", task_id, exc)
+        logger.error("task %s: %s; check the AccessKey pair", task_id, exc, extra=about(task_id))
         if exc.clock_skew:
             logger.warning("the upstream says our timestamp is off: is this host's clock right?")
         return Polled(
@@ -79,40 +132,115 @@ async def poll_once(
         )
     except UpstreamUnavailable as exc:
         delay = policy.backoff(failures + 1, exc.retry_after)
-        logger.warning("task %s: %s; retry %d in %.1fs", task_id, exc, failures + 1, delay)
+        logger.warning(
+            "task %s: %s; retry %d in %.1fs",
+            task_id,
+            exc,
+            failures + 1,
+            delay,
+            extra=about(task_id),
+        )
         return Polled(fault=f"{exc}; retrying", delay=delay)
     except Exception:
         # Whatever the upstream sent, the loop must live on to deliver the final state.
         delay = policy.backoff(failures + 1)
-        logger.exception("task %s: unexpected error reading the upstream", task_id)
+        logger.exception(
+            "task %s: unexpected error reading the upstream", task_id, extra=about(task_id)
+        )
         return Polled(fault="the relay could not read the upstream's answer; retrying", delay=delay)
     if state["status"] == "succeeded" and policy.fetch_result:
         state = await with_result(upstream, task_id, state, policy.request_timeout)
     return Polled(state=state, delay=policy.next_interval(state))
 
 
-async def poll_task(task: TaskHub, upstream: UpstreamClient, policy: PollPolicy) -> None:
-    """Poll one task until it ends or its hub asks the loop to stop.
+async def poll_task(
+    task: TaskHub,
+    signal: LoopSignal,
+    backend: Backend,
+    upstream: UpstreamClient,
+    policy: PollPolicy,
+) -> None:
+    """Poll one task until it ends or no node wants it; follow it while another node polls.
 
     A stop is only ever noticed between calls: cancelling an httpx request in
     flight can leak a connection-pool slot.
     """
+    task_id = task.task_id
+    owner = False
     failures = 0
-    while not task.stop_requested:
-        polled = await poll_once(task.task_id, upstream, policy, failures)
-        if polled.final is not None:
-            task.fail(*polled.final)
-            return
-        if polled.fault is not None:
-            failures += 1
-            task.report_unavailable(polled.fault)
-        else:
-            failures = 0
-            assert polled.state is not None
-            task.publish(polled.state)
-            if task.ended:
-                return
-        await task.sleep(polled.delay)
+    next_poll = 0.0
+    await sync(task, backend)
+    try:
+        while not task.ended and not signal.shutting_down:
+            if not await backend.interest(task_id, signal.wanted):
+                return  # nobody anywhere watches it any more
+            if not owner:
+                owner = await backend.acquire(task_id)
+                await sync(task, backend)  # what the last polling node left, if any
+                if not owner:
+                    if not signal.wanted:
+                        return  # another node polls it for its own subscribers
+                    await signal.sleep(backend.check_interval)
+                    continue
+                next_poll = 0.0
+            elif not await backend.renew(task_id):
+                owner = False
+                continue
+            if time.monotonic() >= next_poll:
+                async with backend.keep_lease(task_id):
+                    outcome = await poll_and_store(task, backend, upstream, policy, failures)
+                if outcome is None:
+                    owner, failures = False, 0
+                    continue
+                failures, delay = outcome
+                next_poll = time.monotonic() + delay
+            if not task.ended:
+                await signal.sleep(min(next_poll - time.monotonic(), backend.check_interval))
+    finally:
+        if owner:
+            await backend.release(task_id)
+        await backend.interest(task_id, False)
+
+
+async def sync(task: TaskHub, backend: Backend) -> None:
+    """Bring the task up to what the backend stores (a cluster's stored state)."""
+    stored = await backend.load(task.task_id)
+    if stored is not None:
+        task.apply(stored)
+
+
+async def poll_and_store(
+    task: TaskHub, backend: Backend, upstream: UpstreamClient, policy: PollPolicy, failures: int
+) -> tuple[int, float] | None:
+    """One poll by the polling node: (faults in a row, delay to the next poll).
+
+    None when the backend refused the change: this node lost the task's lease.
+    """
+    task_id = task.task_id
+    polled = await poll_once(task_id, upstream, policy, failures)
+    if polled.final is not None:
+        code, message = polled.final
+        error = {"code": code.value, "message": message}
+        if not await backend.store(Change(task_id, error=error, final=True)):
+            return None
+        task.fail(code, message)
+        return 0, polled.delay
+    if polled.fault is not None:
+        if not task.unavailable:
+            error = {"code": ErrorCode.UPSTREAM_UNAVAILABLE.value, "message": polled.fault}
+            if not await backend.store(Change(task_id, error=error)):
+                return None
+        task.report_unavailable(polled.fault)
+        return failures + 1, polled.delay
+    assert polled.state is not None
+    # One diff serves three purposes: is it a change, what to store, what to push.
+    patch = merge_patch(task.state, polled.state) if task.state is not None else None
+    if patch is None or patch:
+        seq = task.next_seq()
+        if not await backend.store(Change(task_id, seq, polled.state, patch)):
+            return None
+        task.publish(polled.state, seq=seq, patch=patch)
+    return 0, polled.delay
 
 
 async def with_result(
@@ -129,5 +257,7 @@ async def with_result(
         try:
             return {**state, "result": await upstream.result(task_id, deadline)}
         except (UpstreamUnavailable, TaskNotFound, Unauthorized) as exc:
-            logger.warning("task %s: result fetch %d failed: %s", task_id, attempt, exc)
+            logger.warning(
+                "task %s: result fetch %d failed: %s", task_id, attempt, exc, extra=about(task_id)
+            )
     return state

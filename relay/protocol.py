@@ -13,6 +13,8 @@ from urllib.parse import unquote
 from starlette.responses import JSONResponse
 
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+TERMINAL = frozenset({"succeeded", "failed"})
+"""The statuses after which a task never changes again."""
 
 EventKind = Literal["snapshot", "patch", "end", "error"]
 

@@ -25,7 +25,6 @@ PROGRESS_PATH = "/scc/comfy_get_progress"
 RESULT_PATH = "/scc/comfy_get_result"
 NOT_FOUND_CODE = "B_COMPUTING_CanNotFindTask"
 STATUSES = frozenset({"waiting", "running", "succeeded", "failed"})
-TERMINAL = frozenset({"succeeded", "failed"})
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 32
 

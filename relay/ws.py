@@ -11,12 +11,11 @@ from typing import Any, NamedTuple
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .config import Settings
-from .hub import Cursor, Hub, Subscriber
-from .limits import drop_connection
 from .origins import origin_allowed
 from .protocol import ErrorCode, Event, dumps, error_data, invalid_task_id_message, is_valid_task_id
-from .tokens import grant
+from .service import Delivered, Refusal, Relay, relay_of
+from .subscriber import Cursor, Subscriber
+from .workarounds import drop_connection, websocket_receive
 
 logger = logging.getLogger("relay.ws")
 
@@ -83,11 +82,11 @@ def parse_message(text: str) -> ClientMessage:
 class Connection:
     """One accepted socket: a reader for client messages, a sender for everything outgoing."""
 
-    def __init__(self, websocket: WebSocket, hub: Hub, settings: Settings) -> None:
+    def __init__(self, websocket: WebSocket, relay: Relay) -> None:
         self.websocket = websocket
-        self.hub = hub
-        self.settings = settings
-        self.send_timeout = settings.send_timeout
+        self.relay = relay
+        self.hub = relay.hub
+        self.send_timeout = relay.settings.send_timeout
         self.subscriber = Subscriber("ws")
         self.cursors: dict[str, Cursor] = {}
         self.replies: deque[str] = deque()
@@ -118,38 +117,34 @@ class Connection:
                 self.reply(ClientError(ErrorCode.BAD_REQUEST, "send JSON text frames").reply())
                 continue
             try:
-                self.handle(parse_message(text))
+                await self.handle(parse_message(text))
             except ClientError as error:
                 self.reply(error.reply())
 
-    def handle(self, message: ClientMessage) -> None:
+    async def handle(self, message: ClientMessage) -> None:
         task_id = message.task_id
         old = self.cursors.pop(task_id, None)
         if old is not None:
             self.hub.unsubscribe(old)
         if message.kind == "unsubscribe":
             return
-        refusal = grant(self.settings.token_secret, message.token).refusal(task_id)
-        if refusal is not None:
-            raise ClientError(ErrorCode.UNAUTHORIZED, refusal, task_id)
-        limit = self.settings.max_ws_subscriptions
+        if (refusal := self.relay.refuse(task_id, message.token)) is not None:
+            raise ClientError(refusal.code, refusal.message, task_id)
+        limit = self.relay.settings.max_ws_subscriptions
         if len(self.cursors) >= limit:
             message_text = f"at most {limit} subscriptions per socket"
             raise ClientError(ErrorCode.TOO_MANY_TASKS, message_text, task_id)
-        if self.hub.get(task_id) is None and self.hub.loop_count >= self.settings.max_loops:
-            raise ClientError(
-                ErrorCode.OVERLOADED,
-                "the relay watches as many tasks as it can; retry later",
-                task_id,
-                retrying=True,
-            )
-        cursor = self.hub.subscribe(task_id, self.subscriber, message.last_seq)
-        if cursor.done:
+        admission = await self.relay.admit(task_id, message.token, message.last_seq)
+        if isinstance(admission, Delivered):
             # The client holds the ended task's last state: confirm the end, nothing more.
-            self.hub.unsubscribe(cursor)
-            self.reply(Event("end", task_id, cursor.task.seq, end_data(cursor)).ws)
+            end = {"status": admission.status}
+            self.reply(Event("end", task_id, admission.seq, end).ws)
+        elif isinstance(admission, Refusal):
+            raise ClientError(
+                admission.code, admission.message, task_id, retrying=admission.retrying
+            )
         else:
-            self.cursors[task_id] = cursor
+            self.cursors[task_id] = self.hub.subscribe(task_id, self.subscriber, message.last_seq)
 
     def reply(self, text: str) -> None:
         if len(self.replies) >= MAX_PENDING_REPLIES:
@@ -178,20 +173,15 @@ class Connection:
                     await self.websocket.send_text(frame)
 
 
-def end_data(cursor: Cursor) -> dict[str, Any]:
-    state = cursor.task.state or {}
-    return {"status": state.get("status")}
-
-
 async def websocket_endpoint(websocket: WebSocket) -> None:
     """`WS /v1/ws`"""
-    settings = websocket.app.state.settings
-    if not origin_allowed(websocket.headers, settings.allowed_origins):
+    relay = relay_of(websocket)
+    if not origin_allowed(websocket.headers, relay.settings.allowed_origins):
         # Closing before accept makes the server answer the upgrade with 403.
         await websocket.close(code=1008)
         return
     await websocket.accept()
-    connection = Connection(websocket, websocket.app.state.hub, settings)
+    connection = Connection(websocket, relay)
     try:
         await connection.run()
     except WebSocketDisconnect:
@@ -199,7 +189,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     except TimeoutError:
         # A close frame would wait behind everything the client did not read: reset instead.
         logger.info("dropping a WebSocket client that stopped reading")
-        if not drop_connection(websocket._receive):
+        if not drop_connection(websocket_receive(websocket)):
             with contextlib.suppress(TimeoutError, WebSocketDisconnect):
                 async with asyncio.timeout(1):
                     await websocket.close(code=1008)

@@ -12,7 +12,7 @@ import websockets
 from relay.simulator import Simulator
 
 from .clients import watch_sse, watch_ws
-from .conftest import SimulatedUpstream
+from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ProcessServer, ThreadServer
 
 SECRET = "Sk-very-secret-0123456789abcdef"
@@ -152,3 +152,21 @@ async def test_shutdown_signal_closes_open_streams_and_exits_promptly(
     assert "Application shutdown complete" in relay.log()
     assert "Traceback" not in relay.log()
     assert any(line.startswith("retry:") for line in lines), lines
+
+
+async def test_task_state_carries_its_seq_whenever_the_relay_numbered_it(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = make_relay(ended_ttl=30.0)
+    task_id = upstream.start_task(queue=0.1, duration=0.5)
+    watcher = await watch_sse(http, relay.url, task_id)
+    assert relay.app.state.relay.hub.loop_count == 0
+    kept = await http.get(f"{relay.url}/v1/tasks/{task_id}")
+    assert kept.headers["X-Relay-Seq"] == str(watcher.seq)
+    assert kept.json() == watcher.state
+
+    # A task no loop ever watched is read from the upstream, and has no number yet.
+    other = upstream.start_task(queue=5, duration=5)
+    answer = await http.get(f"{relay.url}/v1/tasks/{other}")
+    assert answer.status_code == 200 and answer.json()["status"] == "waiting"
+    assert "X-Relay-Seq" not in answer.headers

@@ -303,3 +303,25 @@ async def test_task_state_on_any_node_comes_from_the_store(
         # Answered from Redis: node B made no upstream call of its own.
         assert await metric(http, b, 'relay_upstream_calls_total{outcome="ok"}') == 0
         assert upstream.calls(task_id) - calls <= 3
+
+
+async def test_every_node_answers_204_to_a_resume_at_an_ended_tasks_last_state(
+    redis_url: str, upstream: SimulatedUpstream, http: httpx.AsyncClient, nodes_factory: Any
+) -> None:
+    watched, never = nodes_factory(2, redis_url, upstream.url)
+    task_id = upstream.start_task(queue=0.1, duration=0.5)
+    watcher = await watch_sse(http, watched.url, task_id)
+    assert watcher.ended == "succeeded" and watcher.seq is not None
+    last = str(watcher.seq)
+    for node in (watched, never):
+        single = await http.get(
+            f"{node.url}/v1/tasks/{task_id}/events", headers={"Last-Event-ID": last}
+        )
+        assert single.status_code == 204, (node.url, single.text)
+        many = await http.get(
+            f"{node.url}/v1/events?taskId={task_id}", headers={"Last-Event-ID": f"{task_id}:{last}"}
+        )
+        assert many.status_code == 204, (node.url, many.text)
+        state = await http.get(f"{node.url}/v1/tasks/{task_id}")
+        assert state.headers["X-Relay-Seq"] == last
+        assert state.json() == watcher.state

@@ -4,9 +4,11 @@ import asyncio
 
 import httpx
 
-from relay.hub import Hub, Subscriber, TaskHub
+from relay.hub import Hub, TaskHub
+from relay.poll_loop import LoopSignal
+from relay.subscriber import Subscriber
 
-from .clients import visit, wait_for, watch_sse, watch_ws
+from .clients import sse_events, visit, wait_for, watch_sse, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ThreadServer
 
@@ -54,7 +56,7 @@ async def test_late_subscriber_joins_without_an_extra_upstream_call(
 ) -> None:
     relay = make_relay(poll_interval=1.0)
     task_id = upstream.start_task(queue=5, duration=5)
-    hub = relay.app.state.hub
+    hub = relay.app.state.relay.hub
     first = asyncio.create_task(watch_sse(http, relay.url, task_id))
     await wait_for(lambda: (t := hub.get(task_id)) is not None and t.state is not None)
     calls = upstream.calls(task_id)
@@ -72,14 +74,14 @@ async def test_loop_stops_at_a_terminal_state(
     calls = upstream.calls(task_id)
     await asyncio.sleep(0.5)
     assert upstream.calls(task_id) == calls
-    assert relay.app.state.hub.loop_count == 0
+    assert relay.app.state.relay.hub.loop_count == 0
 
 
 async def test_loop_stops_after_the_last_subscriber_leaves_and_the_linger(
     make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
 ) -> None:
     relay = make_relay(linger=0.5)
-    hub = relay.app.state.hub
+    hub = relay.app.state.relay.hub
     task_id = upstream.start_task(queue=10, duration=10)
     await visit(http, f"{relay.url}/v1/tasks/{task_id}/events")
     await asyncio.sleep(0.3)
@@ -95,7 +97,7 @@ async def test_a_subscriber_within_the_linger_keeps_the_loop(
     make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
 ) -> None:
     relay = make_relay(linger=1.0)
-    hub = relay.app.state.hub
+    hub = relay.app.state.relay.hub
     task_id = upstream.start_task(queue=0.2, duration=2)
     await visit(http, f"{relay.url}/v1/tasks/{task_id}/events")
     await asyncio.sleep(0.3)
@@ -113,7 +115,7 @@ def test_a_boolean_replacing_an_equal_number_is_a_change() -> None:
 
 
 async def test_a_crashed_poll_loop_ends_its_task_with_a_final_internal_error() -> None:
-    async def broken_poll(task: TaskHub) -> None:
+    async def broken_poll(task: TaskHub, signal: LoopSignal) -> None:
         raise RuntimeError("a bug")
 
     hub = Hub(broken_poll, linger=0.1, ended_ttl=1.0)
@@ -129,8 +131,8 @@ async def test_a_crashed_poll_loop_ends_its_task_with_a_final_internal_error() -
 
 
 async def test_a_subscriber_that_falls_behind_gets_one_combined_patch_then_a_snapshot() -> None:
-    async def idle(task: TaskHub) -> None:
-        await task.sleep(60)
+    async def idle(task: TaskHub, signal: LoopSignal) -> None:
+        await signal.sleep(60)
 
     hub = Hub(idle, linger=1.0, ended_ttl=1.0)
     subscriber = Subscriber("test")
@@ -147,3 +149,39 @@ async def test_a_subscriber_that_falls_behind_gets_one_combined_patch_then_a_sna
     assert [(e.kind, e.seq) for e in cursor.pending()] == [("snapshot", task.seq)]
     hub.unsubscribe(cursor)
     await hub.close()
+
+
+async def test_an_ended_task_is_forgotten_after_its_ttl_even_with_late_subscribers() -> None:
+    async def ends_at_once(task: TaskHub, signal: LoopSignal) -> None:
+        task.publish({"status": "succeeded", "progress": 1})
+
+    hub = Hub(ends_at_once, linger=0.1, ended_ttl=0.3)
+    early = Subscriber("test")
+    hub.unsubscribe(hub.subscribe("ended", early))
+    await wait_for(lambda: hub.loop_count == 0)
+    late = Subscriber("test")
+    cursor = hub.subscribe("ended", late)
+    assert [e.kind for e in cursor.pending()] == ["snapshot", "end"]
+    hub.unsubscribe(cursor)
+    await wait_for(lambda: hub.task_count == 0, timeout=2)
+    await hub.close()
+
+
+async def test_late_subscribers_over_every_transport_leave_no_task_behind(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = make_relay(ended_ttl=1.0)
+    hub = relay.app.state.relay.hub
+    task_id = upstream.start_task(queue=0.1, duration=0.5)
+    assert (await watch_sse(http, relay.url, task_id)).ended == "succeeded"
+    # After the end: a single stream, a many-task stream and a WebSocket look at it.
+    assert (await watch_sse(http, relay.url, task_id)).ended == "succeeded"
+    async for event in sse_events(http, f"{relay.url}/v1/events?taskId={task_id}"):
+        if event.event == "end":
+            break
+    assert (await watch_ws(relay.ws_url, task_id)).ended == "succeeded"
+    calls = upstream.calls(task_id)
+    await wait_for(lambda: hub.task_count == 0, timeout=3)
+    # Forgotten: the next reader asks the upstream again.
+    assert (await http.get(f"{relay.url}/v1/tasks/{task_id}")).status_code == 200
+    assert upstream.calls(task_id) == calls + 1

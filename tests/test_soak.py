@@ -4,8 +4,9 @@ A relay child process polls a simulator (in a thread) that fails, answers garbag
 now and then. For SOAK_SECONDS, workers open and drop SSE streams (single and multiplexed,
 politely and abruptly), subscribe and unsubscribe over WebSockets and cut sockets without a
 close frame, in waves of reconnect storms, while followers watch other tasks to their end.
-Afterwards the relay must hold no poll loop and no subscriber, and its threads, open files and
-resident memory must be back near where they started.
+Afterwards, once the ended tasks' TTL has run out, the relay must hold no poll loop, no
+subscriber and no task, and its threads, open files and resident memory must be back near
+where they started.
 
 The relay's asyncio task count comes from its `relay_asyncio_tasks` gauge. Run with `pytest -s`
 to see the figures.
@@ -75,6 +76,7 @@ def metrics(base: str) -> dict[str, float]:
     found: dict[str, float] = {}
     for name in (
         "relay_poll_loops",
+        "relay_tasks",
         'relay_subscribers{transport="sse"}',
         'relay_subscribers{transport="ws"}',
     ):
@@ -358,6 +360,7 @@ async def test_churn_and_reconnect_storms_leave_no_loops_subscribers_or_leaks(
         assert sum(tally.followed.values()) >= SOAK_SECONDS / FOLLOW_EVERY * 0.8, tally.followed
         assert idle == {
             "relay_poll_loops": 0,
+            "relay_tasks": 0,
             'relay_subscribers{transport="sse"}': 0,
             'relay_subscribers{transport="ws"}': 0,
         }

@@ -139,4 +139,4 @@ async def test_garbage_last_event_id_is_ignored(
         async for event in sse_events(http, url, {"Last-Event-ID": garbage}):  # type: ignore[dict-item]
             assert event.event == "snapshot"
             break
-    await wait_for(lambda: relay.app.state.hub.subscriber_count == 0)
+    await wait_for(lambda: relay.app.state.relay.hub.subscriber_count == 0)

@@ -4,8 +4,10 @@ import asyncio
 
 import httpx
 
-from relay.hub import Hub, Subscriber, TaskHub
+from relay.hub import Hub, TaskHub
+from relay.poll_loop import LoopSignal
 from relay.sse import multiplexed_frame, parse_stream_id, stream_events
+from relay.subscriber import Subscriber
 
 from .clients import SSEEvent, Watcher, sse_events
 from .conftest import RelayFactory, SimulatedUpstream
@@ -48,7 +50,7 @@ async def test_one_stream_carries_twenty_tasks_to_their_end(
         # One loop per task: at most one call per poll interval of the task's life, plus slack.
         assert upstream.calls(task_id) <= (0.2 + 1.5) / 0.1 + 4
     assert last_id is not None and set(parse_stream_id(last_id)) == set(tasks)
-    assert relay.app.state.hub.loop_count == 0
+    assert relay.app.state.relay.hub.loop_count == 0
 
 
 async def test_resume_sends_one_patch_per_moved_task_and_nothing_for_the_others(
@@ -122,8 +124,8 @@ async def test_a_new_stream_resumes_from_the_last_event_id_parameter(
 
 
 async def test_each_frame_of_a_many_task_stream_claims_only_what_was_sent_before_it() -> None:
-    async def idle(task: TaskHub) -> None:
-        await task.sleep(60)
+    async def idle(task: TaskHub, signal: LoopSignal) -> None:
+        await signal.sleep(60)
 
     hub = Hub(idle, linger=1.0, ended_ttl=1.0)
     body = stream_events(hub, Subscriber("sse"), [("a", None), ("b", None)], multiplexed_frame)
@@ -131,12 +133,12 @@ async def test_each_frame_of_a_many_task_stream_claims_only_what_was_sent_before
         snapshots = asyncio.ensure_future(anext(body))
         await asyncio.sleep(0.01)  # the stream subscribes and waits
         for task_id in ("a", "b"):
-            hub.tasks[task_id].publish({"status": "running", "progress": 0.1})
+            hub.get(task_id).publish({"status": "running", "progress": 0.1})
         await snapshots
         for task_id in ("a", "b"):
-            hub.tasks[task_id].publish({"status": "running", "progress": 0.2})
+            hub.get(task_id).publish({"status": "running", "progress": 0.2})
         chunk = (await anext(body)).decode()
-        a, b = hub.tasks["a"].seq, hub.tasks["b"].seq
+        a, b = hub.get("a").seq, hub.get("b").seq
     finally:
         await body.aclose()
         await hub.close()

@@ -95,7 +95,7 @@ async def test_unknown_task_gets_task_not_found(relay: ThreadServer) -> None:
 async def test_unsubscribe_stops_updates_and_closing_drops_every_subscription(
     relay: ThreadServer, upstream: SimulatedUpstream
 ) -> None:
-    hub = relay.app.state.hub
+    hub = relay.app.state.relay.hub
     tasks = [upstream.start_task(duration=5) for _ in range(3)]
     async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
         for task_id in tasks:

@@ -1,5 +1,7 @@
 """Cluster mode: several relays share the work through Redis, one poll loop per task in all.
 
+The `Backend` (see `backend.py`) of a relay started with `RELAY_REDIS_URL`:
+
 - Ownership: the node holding a task's lease (`SET NX PX`, renewed and released by
   compare-and-set scripts) polls it; the others follow.
 - Fan-out: the owner stores each change (sequence number, state, recent history) and
@@ -27,12 +29,11 @@ from typing import Any
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from .hub import NOT_FOUND_TTL, Hub, TaskHub
+from .backend import Change, Receive
+from .hub import NOT_FOUND_TTL
 from .metrics import Metrics
-from .patch import merge_patch
-from .poll_loop import PollPolicy, poll_once
-from .protocol import ErrorCode, dumps
-from .upstream import UpstreamClient
+from .poll_loop import about
+from .protocol import dumps
 
 logger = logging.getLogger("relay.cluster")
 
@@ -89,7 +90,7 @@ def interest_key(task_id: str) -> str:
     return f"relay:interest:{task_id}"
 
 
-class Cluster:
+class RedisBackend:
     """This node's view of the cluster: its Redis connection, leases and subscription."""
 
     def __init__(self, url: str, lease_ttl: float, metrics: Metrics) -> None:
@@ -107,6 +108,10 @@ class Cluster:
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
         self._listener: asyncio.Task[None] | None = None
+        # Tasks this node wants (to resync after a reconnect), and those it followed
+        # while another node polled them (to tell a takeover from a first lease).
+        self._wanted: set[str] = set()
+        self._followed: set[str] = set()
 
     @property
     def check_interval(self) -> float:
@@ -121,8 +126,8 @@ class Cluster:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def start(self, hub: Hub) -> None:
-        self._listener = asyncio.create_task(self._listen(hub), name="redis listener")
+    def start(self, receive: Receive) -> None:
+        self._listener = asyncio.create_task(self._listen(receive), name="redis listener")
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -132,8 +137,8 @@ class Cluster:
             await self.release(task_id)
         await self._redis.aclose()
 
-    async def _listen(self, hub: Hub) -> None:
-        """Deliver published changes to local subscribers; reconnect and resync on failure."""
+    async def _listen(self, receive: Receive) -> None:
+        """Deliver published changes to this node; reconnect and resync on failure."""
         delay = 0.1
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
@@ -142,12 +147,16 @@ class Cluster:
                 self.healthy = True
                 delay = 0.1
                 # Messages published while we were away are lost: read the stored truth.
-                for task in list(hub.tasks.values()):
-                    await self.sync(task)
+                for task_id in list(self._wanted):
+                    stored = await self.load(task_id)
+                    if stored is not None:
+                        receive(stored)
                 while True:
                     message = await pubsub.get_message(timeout=self.check_interval)
                     if message is not None:
-                        self.deliver(hub, message.get("data"))
+                        change = parse_message(message.get("data"))
+                        if change is not None:
+                            receive(change)
                     else:
                         # Quiet channel: make sure Redis is still there (a half-open
                         # socket would otherwise go unnoticed), and say so in /healthz.
@@ -163,92 +172,66 @@ class Cluster:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def deliver(self, hub: Hub, raw: Any) -> None:
-        try:
-            message = json.loads(raw)
-            task = hub.get(message["t"])
-        except (ValueError, TypeError, KeyError):
-            logger.warning("ignoring a malformed cluster message")
-            return
-        if task is None:
-            return
-        if "state" in message:
-            task.publish(message["state"], seq=int(message["s"]), patch=message.get("p"))
-        elif message.get("final"):
-            task.fail(ErrorCode(message["e"]["code"]), message["e"]["message"])
-        else:
-            task.report_unavailable(message["e"]["message"])
-
     # -- stored state -----------------------------------------------------------------
 
-    async def sync(self, task: TaskHub) -> None:
-        """Bring a local task up to the stored state (and its history, for resumes)."""
+    async def load(self, task_id: str) -> Change | None:
+        """The stored state with its history, or the final error; None also when Redis is away."""
         try:
             stored, history = await asyncio.gather(
-                self._redis.hgetall(state_key(task.task_id)),
-                self._redis.lrange(history_key(task.task_id), 0, HISTORY_LENGTH - 1),
+                self._redis.hgetall(state_key(task_id)),
+                self._redis.lrange(history_key(task_id), 0, HISTORY_LENGTH - 1),
             )
         except (RedisError, OSError) as exc:
             self.failed("read", exc)
-            return
+            return None
+        seq: int | None = None
+        state: dict[str, Any] | None = None
         if stored.get(b"state") is not None:
-            seq = int(stored[b"seq"])
-            if seq > task.seq:
-                task.publish(json.loads(stored[b"state"]), seq=seq)
-                entries = [json.loads(entry) for entry in reversed(history)]
-                task.remember([(int(s), state) for s, state in entries])
-        if stored.get(b"error") is not None:
-            error = json.loads(stored[b"error"])
-            task.fail(ErrorCode(error["code"]), error["message"])
-
-    async def stored_state(self, task_id: str) -> tuple[int, dict[str, Any]] | None:
-        """The stored state of a task any node polls, or None (also when Redis is away)."""
-        try:
-            stored = await self._redis.hmget(state_key(task_id), ["seq", "state"])
-        except (RedisError, OSError) as exc:
-            self.failed("read", exc)
+            seq, state = int(stored[b"seq"]), json.loads(stored[b"state"])
+        error = json.loads(stored[b"error"]) if stored.get(b"error") is not None else None
+        if state is None and error is None:
             return None
-        seq, state = stored
-        if seq is None or state is None:
-            return None
-        return int(seq), json.loads(state)
-
-    async def store(
-        self, task: TaskHub, state: dict[str, Any], seq: int, patch: dict[str, Any] | None
-    ) -> bool:
-        """Store and publish a change while we hold the lease; False when we lost it.
-
-        `patch` leads from the state the task holds to `state` (None for a first state).
-        """
-        message = {"t": task.task_id, "s": seq, "state": state, "p": patch}
-        args = [
-            self.node_id,
+        entries = [json.loads(entry) for entry in reversed(history)]
+        return Change(
+            task_id,
             seq,
-            dumps(state),
-            dumps([seq, state]),
-            CHANNEL,
-            STATE_TTL_SECONDS,
-            HISTORY_LENGTH,
-            dumps(message),
-        ]
-        keys = [lease_key(task.task_id), state_key(task.task_id), history_key(task.task_id)]
-        return await self._fenced(self._store_state, keys, args, task.task_id)
+            state,
+            error=error,
+            final=error is not None,
+            history=[(int(s), old) for s, old in entries],
+        )
 
-    async def store_error(self, task: TaskHub, code: ErrorCode, text: str, final: bool) -> bool:
-        error = {"code": code.value, "message": text}
-        message = {"t": task.task_id, "e": error, "final": final}
+    async def store(self, change: Change) -> bool:
+        """Store and publish a change while we hold the lease; False when we lost it."""
+        task_id = change.task_id
+        if change.error is None:
+            message = {"t": task_id, "s": change.seq, "state": change.state, "p": change.patch}
+            args = [
+                self.node_id,
+                change.seq,
+                dumps(change.state),
+                dumps([change.seq, change.state]),
+                CHANNEL,
+                STATE_TTL_SECONDS,
+                HISTORY_LENGTH,
+                dumps(message),
+            ]
+            keys = [lease_key(task_id), state_key(task_id), history_key(task_id)]
+            return await self._fenced(self._store_state, keys, args, task_id)
+        message = {"t": task_id, "e": change.error, "final": change.final}
+        # A final error (an ID unknown upstream, refused credentials) is remembered as
+        # briefly as a single relay remembers an unknown ID: the task may yet be created,
+        # the keys fixed, and it must not stay refused cluster-wide for long.
         args = [
             self.node_id,
-            "1" if final else "0",
-            dumps(error),
+            "1" if change.final else "0",
+            dumps(change.error),
             CHANNEL,
-            # An ID unknown upstream is remembered as briefly as a single relay does: the
-            # task may yet be created, and it must not stay refused cluster-wide for long.
-            STATE_TTL_SECONDS if task.state is not None else int(NOT_FOUND_TTL),
+            int(NOT_FOUND_TTL),
             dumps(message),
         ]
-        keys = [lease_key(task.task_id), state_key(task.task_id)]
-        return await self._fenced(self._store_error, keys, args, task.task_id)
+        keys = [lease_key(task_id), state_key(task_id)]
+        return await self._fenced(self._store_error, keys, args, task_id)
 
     async def _fenced(self, script: Any, keys: list[str], args: list[Any], task_id: str) -> bool:
         try:
@@ -270,9 +253,15 @@ class Cluster:
         except (RedisError, OSError) as exc:
             self.failed("lease", exc)
             return False
-        if won:
-            self.leases.add(task_id)
-        return bool(won)
+        if not won:
+            self._followed.add(task_id)
+            return False
+        self.leases.add(task_id)
+        if task_id in self._followed:
+            self._followed.discard(task_id)
+            self.metrics.lease_takeovers.inc()
+            logger.info("took over polling task %s", task_id, extra=about(task_id))
+        return True
 
     async def renew(self, task_id: str) -> bool:
         try:
@@ -289,7 +278,7 @@ class Cluster:
         return kept
 
     @contextlib.asynccontextmanager
-    async def lease_kept(self, task_id: str) -> AsyncIterator[None]:
+    async def keep_lease(self, task_id: str) -> AsyncIterator[None]:
         """Keep renewing the lease while the body runs: an upstream call (with its retries
         and the result fetch) can last longer than the lease itself."""
         keeper = asyncio.create_task(self._keep(task_id), name=f"lease {task_id}")
@@ -314,13 +303,18 @@ class Cluster:
 
     # -- interest ----------------------------------------------------------------------
 
-    async def interest(self, task_id: str, mine: bool) -> int:
+    async def interest(self, task_id: str, wanted: bool) -> int:
         """Record (or drop) this node's interest; return how many nodes are interested."""
+        if wanted:
+            self._wanted.add(task_id)
+        else:
+            self._wanted.discard(task_id)
+            self._followed.discard(task_id)
         now_ms = int(time.time() * 1000)
         key = interest_key(task_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                if mine:
+                if wanted:
                     pipe.zadd(key, {self.node_id: now_ms + int(self.lease_ttl * 3000)})
                 else:
                     pipe.zrem(key, self.node_id)
@@ -330,85 +324,23 @@ class Cluster:
                 results = await pipe.execute()
         except (RedisError, OSError) as exc:
             self.failed("interest", exc)
-            return 1 if mine else 0
+            return 1 if wanted else 0
         return int(results[2])
 
 
-async def poll_task_clustered(
-    task: TaskHub, cluster: Cluster, upstream: UpstreamClient, policy: PollPolicy, linger: float
-) -> None:
-    """Follow a task through the cluster, polling it only while this node holds its lease."""
-    owner = False
-    failures = 0
-    next_poll = 0.0
-    idle_since: float | None = None
-    await cluster.sync(task)
+def parse_message(raw: Any) -> Change | None:
+    """A change published by the polling node; None (and a warning) for anything else."""
     try:
-        while not task.ended and not task.shutting_down:
-            local = bool(task.cursors)
-            if task.stop_requested and not local and not owner:
-                return  # the hub's linger ran out and someone else polls, if anyone
-            # From here on this loop paces itself: the hub's stop means "no local subscribers".
-            task.stop_requested = False
-            interested = await cluster.interest(task.task_id, local)
-            if not owner:
-                had_state = task.state is not None
-                owner = await cluster.acquire(task.task_id)
-                await cluster.sync(task)
-                if not owner:
-                    await task.sleep(cluster.check_interval)
-                    continue
-                if had_state:
-                    cluster.metrics.lease_takeovers.inc()
-                    logger.info("took over polling task %s", task.task_id)
-                next_poll = 0.0
-            elif not await cluster.renew(task.task_id):
-                owner = False
-                continue
-            if interested == 0:
-                idle_since = idle_since if idle_since is not None else time.monotonic()
-                if time.monotonic() - idle_since >= linger:
-                    return
-            else:
-                idle_since = None
-            if time.monotonic() >= next_poll:
-                async with cluster.lease_kept(task.task_id):
-                    outcome = await poll_and_publish(task, cluster, upstream, policy, failures)
-                if outcome is None:
-                    owner, failures = False, 0
-                    continue
-                failures, delay = outcome
-                next_poll = time.monotonic() + delay
-            await task.sleep(max(0.0, min(next_poll - time.monotonic(), cluster.check_interval)))
-    finally:
-        if owner:
-            await cluster.release(task.task_id)
-        await cluster.interest(task.task_id, False)
-
-
-async def poll_and_publish(
-    task: TaskHub, cluster: Cluster, upstream: UpstreamClient, policy: PollPolicy, failures: int
-) -> tuple[int, float] | None:
-    """One poll by the owner: (failures in a row, delay to the next), None if the lease is lost."""
-    polled = await poll_once(task.task_id, upstream, policy, failures)
-    if polled.final is not None:
-        if not await cluster.store_error(task, *polled.final, final=True):
-            return None
-        task.fail(*polled.final)
-        return 0, polled.delay
-    if polled.fault is not None:
-        if not task.unavailable and not await cluster.store_error(
-            task, ErrorCode.UPSTREAM_UNAVAILABLE, polled.fault, final=False
-        ):
-            return None
-        task.report_unavailable(polled.fault)
-        return failures + 1, polled.delay
-    assert polled.state is not None
-    # One diff serves three purposes: is it a change, what to publish, what to apply.
-    patch = merge_patch(task.state, polled.state) if task.state is not None else None
-    if patch is None or patch:
-        seq = task.next_seq()
-        if not await cluster.store(task, polled.state, seq, patch):
-            return None
-        task.publish(polled.state, seq=seq, patch=patch)
-    return 0, polled.delay
+        message = json.loads(raw)
+        task_id = message["t"]
+        if "state" in message:
+            return Change(task_id, int(message["s"]), message["state"], message.get("p"))
+        error = message["e"]
+        return Change(
+            task_id,
+            error={"code": str(error["code"]), "message": str(error["message"])},
+            final=bool(message.get("final")),
+        )
+    except (ValueError, TypeError, KeyError):
+        logger.warning("ignoring a malformed cluster message")
+        return None

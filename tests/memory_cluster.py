@@ -1,0 +1,128 @@
+"""An in-memory cluster: several nodes' `Backend`s sharing what Redis would hold.
+
+It keeps `RedisBackend`'s rules (leases with an expiry, a store fenced by the lease,
+interest entries that expire, changes published to every other node) without sockets,
+so the poll loop's cluster logic can be tested in one event loop, node by node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from relay.backend import Change, Receive
+
+
+@dataclass
+class Stored:
+    seq: int | None = None
+    state: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+    history: deque[tuple[int, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=64))
+
+
+class MemoryStore:
+    """What the nodes share: leases, stored states, interest, and who listens."""
+
+    def __init__(self) -> None:
+        self.leases: dict[str, tuple[str, float]] = {}
+        self.stored: dict[str, Stored] = {}
+        self.interest: dict[str, dict[str, float]] = {}
+        self.listeners: dict[str, Receive] = {}
+
+    def node(self, node_id: str, lease_ttl: float = 0.3) -> MemoryBackend:
+        return MemoryBackend(self, node_id, lease_ttl)
+
+    def holder(self, task_id: str) -> str | None:
+        lease = self.leases.get(task_id)
+        return lease[0] if lease is not None and lease[1] > time.monotonic() else None
+
+    def publish(self, sender: str, change: Change) -> None:
+        loop = asyncio.get_running_loop()
+        for node_id, receive in list(self.listeners.items()):
+            if node_id != sender:
+                loop.call_soon(receive, change)  # delivered later, as pub/sub would
+
+
+class MemoryBackend:
+    """One node's view of a `MemoryStore`; `crash()` makes it stop talking, leases held."""
+
+    healthy = True
+
+    def __init__(self, store: MemoryStore, node_id: str, lease_ttl: float) -> None:
+        self.shared = store
+        self.node_id = node_id
+        self.lease_ttl = lease_ttl
+        self.crashed = False
+
+    @property
+    def check_interval(self) -> float:
+        return self.lease_ttl / 3
+
+    def crash(self) -> None:
+        """Go silent as a killed node would: no renewal, no release, no messages."""
+        self.crashed = True
+        self.shared.listeners.pop(self.node_id, None)
+
+    def start(self, receive: Receive) -> None:
+        self.shared.listeners[self.node_id] = receive
+
+    async def close(self) -> None:
+        self.shared.listeners.pop(self.node_id, None)
+
+    async def interest(self, task_id: str, wanted: bool) -> int:
+        now = time.monotonic()
+        nodes = self.shared.interest.setdefault(task_id, {})
+        if not self.crashed:
+            if wanted:
+                nodes[self.node_id] = now + self.lease_ttl * 3
+            else:
+                nodes.pop(self.node_id, None)
+        for node_id, expiry in list(nodes.items()):
+            if expiry <= now:
+                del nodes[node_id]
+        return len(nodes)
+
+    async def acquire(self, task_id: str) -> bool:
+        if self.crashed or self.shared.holder(task_id) is not None:
+            return False
+        self.shared.leases[task_id] = (self.node_id, time.monotonic() + self.lease_ttl)
+        return True
+
+    async def renew(self, task_id: str) -> bool:
+        if self.crashed or self.shared.holder(task_id) != self.node_id:
+            return False
+        self.shared.leases[task_id] = (self.node_id, time.monotonic() + self.lease_ttl)
+        return True
+
+    def keep_lease(self, task_id: str) -> AbstractAsyncContextManager[None]:
+        return nullcontext()
+
+    async def release(self, task_id: str) -> None:
+        if not self.crashed and self.shared.holder(task_id) == self.node_id:
+            del self.shared.leases[task_id]
+
+    async def store(self, change: Change) -> bool:
+        if self.crashed or self.shared.holder(change.task_id) != self.node_id:
+            return False
+        stored = self.shared.stored.setdefault(change.task_id, Stored())
+        if change.error is None:
+            assert change.seq is not None and change.state is not None
+            stored.seq, stored.state = change.seq, change.state
+            stored.history.appendleft((change.seq, change.state))
+        elif change.final:
+            stored.error = change.error
+        self.shared.publish(self.node_id, change)
+        return True
+
+    async def load(self, task_id: str) -> Change | None:
+        stored = self.shared.stored.get(task_id)
+        if stored is None:
+            return None
+        change = Change(task_id, stored.seq, stored.state, error=stored.error)
+        history = list(reversed(stored.history))
+        return replace(change, final=stored.error is not None, history=history)
