@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import os
+import socket
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import uvicorn
@@ -16,13 +20,15 @@ from . import __version__
 from .config import (
     OPTIONS,
     ConfigError,
+    Option,
     Settings,
     fraction,
     load_settings,
     non_negative_float,
-    port_number,
     positive_float,
+    read_options,
 )
+from .logs import configure_logging
 from .protocol import invalid_task_id_message, is_valid_task_id
 from .tokens import SecretTooShort, check_secret, mint
 
@@ -34,76 +40,192 @@ WS_BACKEND = "websockets-sansio"
 # and full collections of 10,000 connections stall every stream for over a second
 # (bench/README.md). Fewer, larger young collections; full ones still run, less often.
 GC_THRESHOLDS = (50_000, 20, 10)
-DEFAULT_TOKEN_TTL = "600"
 GRACEFUL_SHUTDOWN_SECONDS = 3
+
+SERVE = {option.name: option for option in OPTIONS}
+
+
+def flag(name: str, metavar: str, parse: Callable[[str], Any], help: str, default: Any) -> Option:
+    """An option given by flag only: `--` and its name, dashed."""
+    return Option(name, (), f"--{name.replace('_', '-')}", metavar, parse, help, default)
+
+
+# `relay simulate` is a test tool: flags only, so that a relay's environment cannot change it.
+SIMULATE_PORT = replace(SERVE["port"], env=(), default=8001)
+SIMULATE_OPTIONS: tuple[Option, ...] = (
+    replace(SERVE["host"], env=()),
+    SIMULATE_PORT,
+    flag("fail_rate", "SHARE", fraction, "share of tasks that fail", 0.1),
+    flag("latency", "SECONDS", non_negative_float, "seconds added to every call", 0.0),
+    flag("error_rate", "SHARE", fraction, "share of calls answered 500", 0.0),
+    flag("throttle_rate", "SHARE", fraction, "share of calls answered 429 with Retry-After", 0.0),
+    flag("retry_after", "SECONDS", non_negative_float, "how long a 429 asks callers to wait", 1.0),
+    flag("timeout_rate", "SHARE", fraction, "share of calls that hang", 0.0),
+    flag("hang_seconds", "SECONDS", non_negative_float, "how long a hanging call hangs", 30.0),
+    flag("malformed_rate", "SHARE", fraction, "share of calls answered with a non-JSON body", 0.0),
+    replace(SERVE["log_level"], env=(), default="warning"),
+    replace(SERVE["log_format"], env=()),
+)
+TOKEN_OPTIONS = (flag("ttl", "SECONDS", positive_float, "seconds until it expires", 600.0),)
 
 logger = logging.getLogger("relay")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: an unknown argument is reported under this command's usage."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+def described(option: Option, *, env: bool = True) -> str:
+    """The option's help, then its environment variables and its default, written one way."""
+    notes = [f"env {' or '.join(option.env)}"] if option.env and env else []
+    notes.append(f"default {option.shown_default or option.unset_text}")
+    return f"{option.help} ({', '.join(notes)})"
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    # No argparse defaults or types: a flag left out is None, so that the environment can
+    # fill it, and every value is parsed by one function whatever way it came.
+    for option in options:
+        if option.flag is not None:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                metavar=option.metavar,
+                help=described(option).replace("%", "%%"),
+            )
+
+
+def environment_only(options: Sequence[Option]) -> str:
+    """The epilog listing the settings that have no flag."""
+    lines = ["settings read from the environment only:"]
+    for option in options:
+        if option.flag is None:
+            line = f"  {option.env[0]:<24} {described(option, env=False)}"
+            lines.append(textwrap.fill(line, width=100, subsequent_indent=" " * 27))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="relay", description="comfy-relay: live ComfyUI task progress over SSE and WebSocket."
+        prog="relay",
+        description="comfy-relay: live ComfyUI task progress over SSE and WebSocket.",
+        epilog="Run `relay COMMAND --help` for the options of a command. Every option of"
+        " `relay serve` can also be set by its environment variable; flags win.",
     )
     parser.add_argument("--version", action="version", version=f"comfy-relay {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        title="commands",
+        metavar="COMMAND",
+        parser_class=CommandParser,
+    )
+    # Descriptions and epilogs keep their line breaks; option help is wrapped to fit.
+    raw = argparse.RawDescriptionHelpFormatter
 
     serve = commands.add_parser(
-        "serve", help="run the relay (on the embedded simulator by default)"
+        "serve",
+        help="run the relay (on its embedded simulator when no upstream is set)",
+        description="Run the relay. Flags win over environment variables, which win over\n"
+        "defaults. With no upstream set, the relay polls its embedded simulator, and\n"
+        "the demo page at / can start simulated tasks.",
+        epilog=environment_only(OPTIONS),
+        usage="%(prog)s [OPTION ...]",
+        formatter_class=raw,
     )
-    for option in OPTIONS:
-        if option.flag is not None:
-            serve.add_argument(option.flag, dest=option.name, metavar="VALUE", help=option.help)
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_options(serve, OPTIONS)
 
-    simulate = commands.add_parser("simulate", help="run the simulated upstream alone")
-    simulate.add_argument("--host", default="127.0.0.1", help="listening address")
-    simulate.add_argument("--port", default="8001", help="listening port (default 8001)")
-    simulate.add_argument(
-        "--fail-rate", default="0.1", help="share of tasks that end failed (default 0.1)"
+    simulate = commands.add_parser(
+        "simulate",
+        help="run the simulated upstream alone",
+        description="Run the simulated upstream alone, for a relay to poll with\n"
+        "--upstream http://HOST:PORT. It reads no environment variables, except\n"
+        "the AccessKey pair with --verify-signatures.",
+        usage="%(prog)s [OPTION ...]",
+        formatter_class=raw,
     )
-    simulate.add_argument("--latency", default="0", help="seconds added to every call")
-    simulate.add_argument("--error-rate", default="0", help="share of calls answered HTTP 500")
-    simulate.add_argument(
-        "--throttle-rate", default="0", help="share of calls answered 429 with Retry-After"
-    )
-    simulate.add_argument(
-        "--retry-after", default="1", help="seconds a 429 asks the caller to wait (default 1)"
-    )
-    simulate.add_argument("--timeout-rate", default="0", help="share of calls that hang")
-    simulate.add_argument(
-        "--hang-seconds", default="30", help="how long a hanging call hangs (default 30)"
-    )
-    simulate.add_argument(
-        "--malformed-rate", default="0", help="share of calls answered with a non-JSON body"
-    )
+    add_options(simulate, SIMULATE_OPTIONS)
     simulate.add_argument(
         "--verify-signatures",
         action="store_true",
-        help="refuse calls not signed with RELAY_ACCESS_KEY_ID / RELAY_ACCESS_KEY_SECRET",
+        help="refuse calls not signed with the AccessKey pair in RELAY_ACCESS_KEY_ID and"
+        " RELAY_ACCESS_KEY_SECRET (default off)",
     )
-    simulate.add_argument("--log-level", default="warning", choices=["debug", "info", "warning"])
 
     token = commands.add_parser(
-        "token", help="print an access token for task IDs, signed with RELAY_TOKEN_SECRET"
+        "token",
+        help="print an access token for task IDs, signed with RELAY_TOKEN_SECRET",
+        description="Print an access token (an HS256 JWT) that lets its holder watch these"
+        " tasks,\nsigned with the secret in RELAY_TOKEN_SECRET, as `relay serve` reads it.",
+        formatter_class=raw,
     )
-    token.add_argument("task_ids", nargs="+", metavar="TASK_ID", help="task IDs it may watch")
-    token.add_argument(
-        "--ttl", default=DEFAULT_TOKEN_TTL, help="seconds until it expires (default 600)"
-    )
+    token.add_argument("task_ids", nargs="+", metavar="TASK_ID", help="a task the token covers")
+    add_options(token, TOKEN_OPTIONS)
     return parser
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every request at INFO: one line per poll is noise, not news.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def given(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, str | None]:
+    """The raw flag values, by option name."""
+    return {option.name: getattr(args, option.name, None) for option in options}
 
 
-def serve(settings: Settings, log_level: str) -> None:
+def flag_values(args: argparse.Namespace, options: tuple[Option, ...]) -> dict[str, Any]:
+    """Every option's value, from its flag or its default: for commands without settings."""
+    defaults = {option.name: option.default for option in options}
+    return defaults | read_options(options, given(args, options), {})
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen(host: str, port: int, port_option: Option) -> list[socket.socket]:
+    """Bind the listening sockets before anything else starts.
+
+    A busy port is then one clear line, not a started server that fails; and uvicorn serves
+    these very sockets, so nothing can take the port between this check and the server.
+    """
+    where = host_port(host, port)
+    sockets: list[socket.socket] = []
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # A name such as localhost can stand for an IPv4 and an IPv6 address: serve both.
+        for family, address in dict.fromkeys((info[0], info[4]) for info in found):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            # As uvicorn binds: a restart may reuse the port of connections in TIME_WAIT,
+            # and an IPv6 socket leaves the IPv4 address to its own socket.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen()
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            ways = " or ".join(filter(None, (port_option.flag, "/".join(port_option.env))))
+            raise ConfigError(
+                f"{where} is already in use: choose another port with {ways}"
+            ) from None
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sockets
+
+
+def run(config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+    # uvicorn.Server handles SIGINT and SIGTERM as uvicorn.run does, and closes the sockets.
+    uvicorn.Server(config).run(sockets=sockets)
+
+
+def serve(settings: Settings) -> None:
     from .app import create_app
 
     if settings.token_secret is not None:
@@ -111,9 +233,10 @@ def serve(settings: Settings, log_level: str) -> None:
             check_secret(settings.token_secret)
         except SecretTooShort as exc:
             raise ConfigError(f"RELAY_TOKEN_SECRET {exc}") from None
-    setup_logging(log_level)
+    sockets = listen(settings.host, settings.port, SERVE["port"])
+    configure_logging(settings.log_level, settings.log_format, settings.secrets)
     gc.set_threshold(*GC_THRESHOLDS)
-    url = f"http://{settings.host}:{settings.port}/"
+    url = f"http://{host_port(settings.host, sockets[0].getsockname()[1])}/"
     if settings.simulated:
         logger.info(
             "comfy-relay %s on the embedded simulator (no upstream configured): %s",
@@ -122,12 +245,12 @@ def serve(settings: Settings, log_level: str) -> None:
         )
     else:
         logger.info("comfy-relay %s polling %s: %s", __version__, settings.upstream_url, url)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,
-        log_level=log_level,
+        log_level=settings.log_level,
         access_log=False,
         ws=WS_BACKEND,
         ws_max_size=settings.ws_max_size,
@@ -137,62 +260,53 @@ def serve(settings: Settings, log_level: str) -> None:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )
+    run(config, sockets)
 
 
 def simulate(args: argparse.Namespace) -> None:
     from .simulator import Faults, Simulator
 
-    def parsed(flag: str, parse: Callable[[str], Any]) -> Any:
-        try:
-            return parse(getattr(args, flag.removeprefix("--").replace("-", "_")))
-        except ValueError as exc:
-            raise ConfigError(f"{flag} {exc}") from None
-
-    port = parsed("--port", port_number)
-    faults = Faults(
-        latency=parsed("--latency", non_negative_float),
-        error_rate=parsed("--error-rate", fraction),
-        throttle_rate=parsed("--throttle-rate", fraction),
-        timeout_rate=parsed("--timeout-rate", fraction),
-        malformed_rate=parsed("--malformed-rate", fraction),
-        retry_after=parsed("--retry-after", non_negative_float),
-        hang_seconds=parsed("--hang-seconds", non_negative_float),
-    )
+    values = flag_values(args, SIMULATE_OPTIONS)
     credentials = None
     if args.verify_signatures:
-        key_id, secret = (
-            os.environ.get("RELAY_ACCESS_KEY_ID"),
-            os.environ.get("RELAY_ACCESS_KEY_SECRET"),
-        )
+        key_id = os.environ.get("RELAY_ACCESS_KEY_ID")
+        secret = os.environ.get("RELAY_ACCESS_KEY_SECRET")
         if not key_id or not secret:
             raise ConfigError(
                 "--verify-signatures needs RELAY_ACCESS_KEY_ID and RELAY_ACCESS_KEY_SECRET"
             )
         credentials = {key_id: secret}
-    simulator = Simulator(
-        fail_rate=parsed("--fail-rate", fraction), faults=faults, credentials=credentials
+    faults = Faults(
+        latency=values["latency"],
+        error_rate=values["error_rate"],
+        throttle_rate=values["throttle_rate"],
+        timeout_rate=values["timeout_rate"],
+        malformed_rate=values["malformed_rate"],
+        retry_after=values["retry_after"],
+        hang_seconds=values["hang_seconds"],
     )
-    setup_logging(args.log_level)
-    logger.info("comfy-relay simulator on http://%s:%d/", args.host, port)
-    uvicorn.run(
+    simulator = Simulator(fail_rate=values["fail_rate"], faults=faults, credentials=credentials)
+    sockets = listen(values["host"], values["port"], SIMULATE_PORT)
+    configure_logging(values["log_level"], values["log_format"], (credentials or {}).values())
+    url = f"http://{host_port(values['host'], sockets[0].getsockname()[1])}/"
+    logger.info("comfy-relay simulator on %s", url)
+    config = uvicorn.Config(
         simulator.app,
-        host=args.host,
-        port=port,
+        host=values["host"],
+        port=values["port"],
         log_config=None,
-        log_level=args.log_level,
+        log_level=values["log_level"],
         access_log=False,
         timeout_graceful_shutdown=1,
     )
+    run(config, sockets)
 
 
 def token(args: argparse.Namespace) -> None:
     secret = os.environ.get("RELAY_TOKEN_SECRET", "").strip()  # as `relay serve` reads it
     if not secret:
         raise ConfigError("RELAY_TOKEN_SECRET is not set: there is no secret to sign with")
-    try:
-        ttl = positive_float(args.ttl)
-    except ValueError as exc:
-        raise ConfigError(f"--ttl {exc}") from None
+    ttl = flag_values(args, TOKEN_OPTIONS)["ttl"]
     for task_id in args.task_ids:
         if not is_valid_task_id(task_id):
             raise ConfigError(invalid_task_id_message(task_id))
@@ -203,12 +317,17 @@ def token(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    """Run a command. Exit 2, with one `relay: error:` line, on a setting it cannot use."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        # Without a command there is nothing to do: show everything there is.
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+    args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            flags = {option.name: getattr(args, option.name, None) for option in OPTIONS}
-            settings = load_settings(flags, os.environ)
-            serve(settings, args.log_level)
+            serve(load_settings(given(args, OPTIONS), os.environ))
         elif args.command == "simulate":
             simulate(args)
         elif args.command == "token":

@@ -1,80 +1,95 @@
-"""Settings: command-line flags win over environment variables, which win over defaults."""
+"""Settings: command-line flags win over environment variables, which win over defaults.
+
+Each setting is declared once, on its `Settings` field: default, environment variables,
+flag, parser and help. The command line, its help and docs/settings.md derive from that.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+from .logs import FORMATS, LEVELS
+
+T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
 class ConfigError(ValueError):
     """A setting has a value the relay cannot use; the message names the setting."""
 
 
-def positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"must be a positive number, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"must be a positive number, got {raw!r}")
-    return value
+def bounded(
+    kind: Callable[[str], N],
+    low: N | None = None,
+    high: N | None = None,
+    *,
+    exclusive: bool = False,
+) -> Callable[[str], N]:
+    """A parser of numbers from low to high; `exclusive` leaves low itself out."""
+    noun = "whole number" if kind is int else "number"
+    if low is not None and high is not None:
+        wanted = f"a {noun} from {low:g} to {high:g}"
+    elif low == 0 and exclusive:
+        wanted = f"a positive {noun}"
+    elif low is not None:
+        wanted = f"a {noun} {'>' if exclusive else '>='} {low:g}"
+    else:
+        wanted = f"a {noun}"
+
+    def parse(raw: str) -> N:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ValueError(f"must be {wanted}, got {raw!r}") from None
+        below = low is not None and (value <= low if exclusive else value < low)
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            raise ValueError(f"must be {wanted}, got {raw!r}")
+        return value
+
+    return parse
 
 
-def non_negative_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"must be a number >= 0, got {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"must be a number >= 0, got {raw!r}")
-    return value
+positive_float = bounded(float, 0.0, exclusive=True)
+non_negative_float = bounded(float, 0.0)
+fraction = bounded(float, 0.0, 1.0)
+positive_int = bounded(int, 1)
+port_number = bounded(int, 0, 65535)
 
 
-def fraction(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"must be a number from 0 to 1, got {raw!r}") from None
-    if not 0 <= value <= 1:
-        raise ValueError(f"must be a number from 0 to 1, got {raw!r}")
-    return value
+@dataclass(frozen=True)
+class OneOf:
+    """A parser that takes one of a few words, in any case."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in self.choices:
+            raise ValueError(f"must be one of {', '.join(self.choices)}, got {raw!r}")
+        return value
+
+    @property
+    def metavar(self) -> str:
+        return "{" + ",".join(self.choices) + "}"
 
 
-def positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"must be a whole number >= 1, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"must be a whole number >= 1, got {raw!r}")
-    return value
+def url(*schemes: str) -> Callable[[str], str]:
+    """A parser of URLs with one of these schemes; a trailing slash is dropped."""
+    *others, last = (f"{scheme}://" for scheme in schemes)
+    wanted = f"{', '.join(others)} or {last}" if others else last
 
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw.strip())
+        # unix:///path/to/socket has no host; every other scheme needs one.
+        if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
+            raise ValueError(f"must be a URL starting with {wanted}, got {raw!r}")
+        return raw.strip().rstrip("/")
 
-def port_number(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"must be a port number (0-65535), got {raw!r}") from None
-    if not 0 <= value <= 65535:
-        raise ValueError(f"must be a port number (0-65535), got {raw!r}")
-    return value
-
-
-def http_url(raw: str) -> str:
-    parts = urlsplit(raw.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"must be an http:// or https:// URL, got {raw!r}")
-    return raw.strip().rstrip("/")
-
-
-def redis_url(raw: str) -> str:
-    parts = urlsplit(raw.strip())
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {raw!r}")
-    return raw.strip()
+    return parse
 
 
 def origin_list(raw: str) -> tuple[str, ...]:
@@ -100,235 +115,324 @@ def boolean(raw: str) -> bool:
     raise ValueError(f"must be 1 or 0 (true or false), got {raw!r}")
 
 
-def signing_scheme(raw: str) -> str:
-    if raw not in ("apigw", "none"):
-        raise ValueError(f"must be 'apigw' or 'none', got {raw!r}")
-    return raw
+BOOLEAN = "{0,1}"
+SIGNING = OneOf(("apigw", "none"))
+LOG_LEVELS = OneOf(LEVELS)
+LOG_FORMATS = OneOf(FORMATS)
 
 
 @dataclass(frozen=True)
 class Option:
-    """One setting as it can be given: its environment variables and its flag, if any."""
+    """One setting as an operator gives it: environment variables, flag, parser, help."""
 
     name: str
     env: tuple[str, ...]
     flag: str | None
+    metavar: str
     parse: Callable[[str], Any]
     help: str
+    default: Any = None
+    unset: str = ""  # what leaving it unset means, where the default is no value
+    secret: bool = False
+
+    @property
+    def shown_default(self) -> str | None:
+        """The default as help and docs write it, or None when it is unset."""
+        value = self.default
+        if value is None or value == ():
+            return None
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, tuple):
+            return ",".join(map(str, value))
+        return str(value)
+
+    @property
+    def unset_text(self) -> str:
+        """What leaving the option unset means, as help and docs write it."""
+        return f"unset: {self.unset}" if self.unset else "unset"
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "upstream_url",
-        ("RELAY_UPSTREAM_URL",),
-        "--upstream",
-        http_url,
-        "base URL of the progress API (default: the embedded simulator)",
-    ),
-    Option("access_key_id", ("RELAY_ACCESS_KEY_ID",), None, text, "AccessKey ID"),
-    Option("access_key_secret", ("RELAY_ACCESS_KEY_SECRET",), None, text, "AccessKey secret"),
-    Option(
-        "signing",
-        ("RELAY_SIGNING",),
-        "--signing",
-        signing_scheme,
-        "request signing: apigw (default) or none",
-    ),
-    Option(
-        "poll_interval",
-        ("RELAY_POLL_INTERVAL",),
-        "--poll-interval",
-        positive_float,
-        "seconds between polls of a running task (default 1.0)",
-    ),
-    Option(
-        "linger",
-        ("RELAY_LINGER",),
-        "--linger",
-        non_negative_float,
-        "seconds a loop lives on after its last subscriber left (default 2.0)",
-    ),
-    Option(
-        "redis_url", ("RELAY_REDIS_URL",), "--redis", redis_url, "Redis URL: turns cluster mode on"
-    ),
-    Option(
-        "allowed_origins",
-        ("RELAY_ALLOWED_ORIGINS",),
-        "--allowed-origins",
-        origin_list,
-        "CORS and WebSocket Origin allowlist, comma separated (default: same origin)",
-    ),
-    Option("port", ("RELAY_PORT", "PORT"), "--port", port_number, "listening port (default 8000)"),
-    Option("host", ("RELAY_HOST",), "--host", text, "listening address (default 127.0.0.1)"),
-    Option(
-        "request_timeout",
-        ("RELAY_REQUEST_TIMEOUT",),
-        "--request-timeout",
-        positive_float,
-        "seconds before an upstream call counts as failed (default 10)",
-    ),
-    Option(
-        "backoff_max",
-        ("RELAY_BACKOFF_MAX",),
-        "--backoff-max",
-        positive_float,
-        "longest wait between retries of a failing upstream (default 30)",
-    ),
-    Option(
-        "upstream_concurrency",
-        ("RELAY_UPSTREAM_CONCURRENCY",),
-        "--upstream-concurrency",
-        positive_int,
-        "upstream calls in flight at once (default 32)",
-    ),
-    Option(
-        "upstream_rate",
-        ("RELAY_UPSTREAM_RATE",),
-        "--upstream-rate",
-        positive_float,
-        "upstream calls per second across all tasks (default: no limit)",
-    ),
-    Option(
-        "waiting_interval_max",
-        ("RELAY_WAITING_INTERVAL_MAX",),
-        "--waiting-interval-max",
-        positive_float,
-        "longest poll interval of a task waiting in the queue (default 5)",
-    ),
-    Option(
-        "fetch_result",
-        ("RELAY_FETCH_RESULT",),
-        "--fetch-result",
-        boolean,
-        "add comfy_get_result's answer to a succeeded task's final state (default 1)",
-    ),
-    Option(
-        "max_connections",
-        ("RELAY_MAX_CONNECTIONS",),
-        "--max-connections",
-        positive_int,
-        "open streams and WebSockets per process; more get 503 (default 10000)",
-    ),
-    Option(
-        "lease_ttl",
-        ("RELAY_LEASE_TTL",),
-        "--lease-ttl",
-        positive_float,
-        "cluster mode: seconds a dead polling node's lease lasts before others take over (3)",
-    ),
-    Option(
-        "ended_ttl",
-        ("RELAY_ENDED_TTL",),
-        "--ended-ttl",
-        non_negative_float,
-        "seconds an ended task's final state is kept for late subscribers (default 60)",
-    ),
-    Option(
-        "max_stream_tasks",
-        ("RELAY_MAX_STREAM_TASKS",),
-        "--max-stream-tasks",
-        positive_int,
-        "task IDs allowed on one multiplexed SSE stream (default 32)",
-    ),
-    Option(
-        "ping_interval",
-        ("RELAY_PING_INTERVAL",),
-        "--ping-interval",
-        positive_float,
-        "seconds between keep-alive comments on idle SSE streams (default 15)",
-    ),
-    Option(
-        "send_timeout",
-        ("RELAY_SEND_TIMEOUT",),
-        "--send-timeout",
-        positive_float,
-        "seconds a client may take to accept one message before it is dropped (default 10)",
-    ),
-    Option(
-        "token_secret",
-        ("RELAY_TOKEN_SECRET",),
-        None,
-        text,
-        "HS256 secret of subscription tokens: set, every subscription needs one (default: off)",
-    ),
-    Option(
-        "max_ws_subscriptions",
-        ("RELAY_MAX_WS_SUBSCRIPTIONS",),
-        "--max-ws-subscriptions",
-        positive_int,
-        "task subscriptions on one WebSocket (default 100)",
-    ),
-    Option(
-        "ws_max_size",
-        ("RELAY_WS_MAX_SIZE",),
-        "--ws-max-size",
-        positive_int,
-        "largest WebSocket message a client may send, in bytes; larger closes 1009 (default 65536)",
-    ),
-    Option(
-        "ws_compression",
-        ("RELAY_WS_COMPRESSION",),
-        "--ws-compression",
-        boolean,
-        "offer permessage-deflate on WebSockets; costs CPU and memory per socket (default 0)",
-    ),
-    Option(
-        "max_loops",
-        ("RELAY_MAX_LOOPS",),
-        "--max-loops",
-        positive_int,
-        "poll loops per process; subscriptions that need one more get overloaded (default 10000)",
-    ),
-)
+def setting(
+    default: T,
+    env: str | tuple[str, ...],
+    flag: str | None,
+    metavar: str,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    unset: str = "",
+    secret: bool = False,
+) -> T:
+    """A `Settings` field with its declaration; typed like `dataclasses.field`."""
+    declaration = {
+        "env": (env,) if isinstance(env, str) else env,
+        "flag": flag,
+        "metavar": metavar,
+        "parse": parse,
+        "help": help,
+        "unset": unset,
+        "secret": secret,
+    }
+    return field(default=default, repr=not secret, metadata=declaration)
 
 
 @dataclass(frozen=True)
 class Settings:
-    upstream_url: str | None = None
-    access_key_id: str | None = None
-    access_key_secret: str | None = field(default=None, repr=False)
-    signing: str = "apigw"
-    poll_interval: float = 1.0
-    linger: float = 2.0
-    redis_url: str | None = None
-    allowed_origins: tuple[str, ...] = ()
-    port: int = 8000
-    host: str = "127.0.0.1"
-    request_timeout: float = 10.0
-    backoff_max: float = 30.0
-    upstream_concurrency: int = 32
-    upstream_rate: float | None = None
-    waiting_interval_max: float = 5.0
-    fetch_result: bool = True
-    max_connections: int = 10_000
-    lease_ttl: float = 3.0
-    ended_ttl: float = 60.0
-    max_stream_tasks: int = 32
-    ping_interval: float = 15.0
-    send_timeout: float = 10.0
-    token_secret: str | None = field(default=None, repr=False)
-    max_ws_subscriptions: int = 100
-    ws_max_size: int = 65_536
-    ws_compression: bool = False
-    max_loops: int = 10_000
+    upstream_url: str | None = setting(
+        None,
+        "RELAY_UPSTREAM_URL",
+        "--upstream",
+        "URL",
+        url("http", "https"),
+        "base URL of the progress API",
+        unset="embedded simulator",
+    )
+    access_key_id: str | None = setting(
+        None, "RELAY_ACCESS_KEY_ID", None, "ID", text, "AccessKey ID, the SDKs' app key"
+    )
+    access_key_secret: str | None = setting(
+        None,
+        "RELAY_ACCESS_KEY_SECRET",
+        None,
+        "SECRET",
+        text,
+        "AccessKey secret: never logged, never sent to browsers",
+        secret=True,
+    )
+    signing: str = setting(
+        "apigw",
+        "RELAY_SIGNING",
+        "--signing",
+        SIGNING.metavar,
+        SIGNING,
+        "how upstream calls are signed: API Gateway's digest scheme, or none (key ID only)",
+    )
+    poll_interval: float = setting(
+        1.0,
+        "RELAY_POLL_INTERVAL",
+        "--poll-interval",
+        "SECONDS",
+        positive_float,
+        "seconds between polls of a running task",
+    )
+    linger: float = setting(
+        2.0,
+        "RELAY_LINGER",
+        "--linger",
+        "SECONDS",
+        non_negative_float,
+        "seconds a loop lives on after its last subscriber left",
+    )
+    redis_url: str | None = setting(
+        None,
+        "RELAY_REDIS_URL",
+        "--redis",
+        "URL",
+        url("redis", "rediss", "unix"),
+        "Redis URL: turns cluster mode on",
+        unset="single process",
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        "RELAY_ALLOWED_ORIGINS",
+        "--allowed-origins",
+        "ORIGINS",
+        origin_list,
+        "CORS and WebSocket Origin allowlist, comma separated",
+        unset="same origin",
+    )
+    port: int = setting(
+        8000, ("RELAY_PORT", "PORT"), "--port", "PORT", port_number, "listening port"
+    )
+    host: str = setting("127.0.0.1", "RELAY_HOST", "--host", "HOST", text, "listening address")
+    request_timeout: float = setting(
+        10.0,
+        "RELAY_REQUEST_TIMEOUT",
+        "--request-timeout",
+        "SECONDS",
+        positive_float,
+        "seconds before an upstream call counts as failed",
+    )
+    backoff_max: float = setting(
+        30.0,
+        "RELAY_BACKOFF_MAX",
+        "--backoff-max",
+        "SECONDS",
+        positive_float,
+        "longest wait, in seconds, between retries of a failing upstream",
+    )
+    upstream_concurrency: int = setting(
+        32,
+        "RELAY_UPSTREAM_CONCURRENCY",
+        "--upstream-concurrency",
+        "N",
+        positive_int,
+        "upstream calls in flight at once",
+    )
+    upstream_rate: float | None = setting(
+        None,
+        "RELAY_UPSTREAM_RATE",
+        "--upstream-rate",
+        "PER_SECOND",
+        positive_float,
+        "upstream calls per second across all tasks",
+        unset="no limit",
+    )
+    waiting_interval_max: float = setting(
+        5.0,
+        "RELAY_WAITING_INTERVAL_MAX",
+        "--waiting-interval-max",
+        "SECONDS",
+        positive_float,
+        "longest poll interval of a task waiting in the queue",
+    )
+    fetch_result: bool = setting(
+        True,
+        "RELAY_FETCH_RESULT",
+        "--fetch-result",
+        BOOLEAN,
+        boolean,
+        "add comfy_get_result's answer to a succeeded task's final state",
+    )
+    max_connections: int = setting(
+        10_000,
+        "RELAY_MAX_CONNECTIONS",
+        "--max-connections",
+        "N",
+        positive_int,
+        "open /v1/ requests (streams, WebSockets, state lookups) per process; more get 503",
+    )
+    lease_ttl: float = setting(
+        3.0,
+        "RELAY_LEASE_TTL",
+        "--lease-ttl",
+        "SECONDS",
+        positive_float,
+        "cluster mode: seconds before a dead polling node's tasks are taken over",
+    )
+    ended_ttl: float = setting(
+        60.0,
+        "RELAY_ENDED_TTL",
+        "--ended-ttl",
+        "SECONDS",
+        non_negative_float,
+        "seconds an ended task's final state is kept for late subscribers",
+    )
+    max_stream_tasks: int = setting(
+        32,
+        "RELAY_MAX_STREAM_TASKS",
+        "--max-stream-tasks",
+        "N",
+        positive_int,
+        "task IDs allowed on one multiplexed SSE stream",
+    )
+    ping_interval: float = setting(
+        15.0,
+        "RELAY_PING_INTERVAL",
+        "--ping-interval",
+        "SECONDS",
+        positive_float,
+        "seconds between keep-alive comments on idle SSE streams",
+    )
+    send_timeout: float = setting(
+        10.0,
+        "RELAY_SEND_TIMEOUT",
+        "--send-timeout",
+        "SECONDS",
+        positive_float,
+        "seconds a client may take to accept one message before its connection is reset",
+    )
+    token_secret: str | None = setting(
+        None,
+        "RELAY_TOKEN_SECRET",
+        None,
+        "SECRET",
+        text,
+        "HS256 secret of subscription tokens, at least 32 bytes: set, every subscription"
+        " needs a token",
+        unset="no tokens",
+        secret=True,
+    )
+    max_ws_subscriptions: int = setting(
+        100,
+        "RELAY_MAX_WS_SUBSCRIPTIONS",
+        "--max-ws-subscriptions",
+        "N",
+        positive_int,
+        "task subscriptions on one WebSocket",
+    )
+    ws_max_size: int = setting(
+        65_536,
+        "RELAY_WS_MAX_SIZE",
+        "--ws-max-size",
+        "BYTES",
+        positive_int,
+        "largest WebSocket message a client may send; larger closes the socket with 1009",
+    )
+    ws_compression: bool = setting(
+        False,
+        "RELAY_WS_COMPRESSION",
+        "--ws-compression",
+        BOOLEAN,
+        boolean,
+        "offer permessage-deflate on WebSockets; costs CPU and memory per socket",
+    )
+    max_loops: int = setting(
+        10_000,
+        "RELAY_MAX_LOOPS",
+        "--max-loops",
+        "N",
+        positive_int,
+        "poll loops per process; subscriptions that need one more get overloaded",
+    )
+    log_level: str = setting(
+        "info",
+        "RELAY_LOG_LEVEL",
+        "--log-level",
+        LOG_LEVELS.metavar,
+        LOG_LEVELS,
+        "least severe log lines written",
+    )
+    log_format: str = setting(
+        "text",
+        "RELAY_LOG_FORMAT",
+        "--log-format",
+        LOG_FORMATS.metavar,
+        LOG_FORMATS,
+        "log lines as text, or as one JSON object per line for log collectors",
+    )
 
     @property
     def simulated(self) -> bool:
         """True when no upstream is configured and the relay polls its embedded simulator."""
         return self.upstream_url is None
 
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The values of the secret settings that are set: logs must never show them."""
+        values = (getattr(self, option.name) for option in OPTIONS if option.secret)
+        return tuple(value for value in values if value)
 
-def load_settings(
-    flags: Mapping[str, str | None] | None = None, environ: Mapping[str, str] | None = None
-) -> Settings:
-    """Build settings from raw flag values (by option name) and environment variables.
 
-    Raises ConfigError with a one-line message naming the flag or variable at fault.
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(name=f.name, default=f.default, **f.metadata) for f in fields(Settings)
+)
+
+
+def read_options(
+    options: tuple[Option, ...],
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str],
+) -> dict[str, Any]:
+    """Parse the options given, by flag (raw values by option name) or else by environment.
+
+    Options given neither way are left out. Raises ConfigError naming the flag or variable.
     """
-    flags = flags or {}
-    environ = environ or {}
     values: dict[str, Any] = {}
-    for option in OPTIONS:
+    for option in options:
         raw, source = flags.get(option.name), option.flag or option.name
         if raw is None:
             source, raw = next(((e, environ[e]) for e in option.env if environ.get(e)), ("", None))
@@ -338,9 +442,19 @@ def load_settings(
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{source} {exc}") from None
+    return values
+
+
+def load_settings(
+    flags: Mapping[str, str | None] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from raw flag values (by option name) and environment variables.
+
+    Raises ConfigError with a one-line message naming the flag or variable at fault.
+    """
+    values = read_options(OPTIONS, flags or {}, environ or {})
     if values.get("signing", "apigw") == "apigw" and bool(values.get("access_key_id")) != bool(
         values.get("access_key_secret")
     ):
         raise ConfigError("RELAY_ACCESS_KEY_ID and RELAY_ACCESS_KEY_SECRET must be set together")
-    known = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in values.items() if k in known})
+    return Settings(**values)

@@ -1,15 +1,31 @@
-"""The `relay` command: flags over environment over defaults, one-line errors, first log line."""
+"""The `relay` command: flags over environment over defaults, one-line errors, help, first
+log line, and the settings documented from their declarations."""
 
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from relay.config import OPTIONS, ConfigError, Settings, load_settings
+from relay.cli import SIMULATE_OPTIONS, TOKEN_OPTIONS, main
+from relay.config import (
+    OPTIONS,
+    ConfigError,
+    Option,
+    Settings,
+    fraction,
+    load_settings,
+    non_negative_float,
+    port_number,
+    positive_float,
+    positive_int,
+)
 
 from .servers import ROOT, ProcessServer
 
@@ -29,6 +45,55 @@ def test_defaults_match_the_spec() -> None:
 def test_every_setting_can_be_given_by_environment() -> None:
     assert {option.name for option in OPTIONS} == {f.name for f in fields(Settings)}
     assert all(option.env for option in OPTIONS)
+
+
+def test_each_setting_is_declared_once_on_its_field() -> None:
+    defaults = Settings()
+    for option in OPTIONS:
+        assert getattr(defaults, option.name) == option.default, option.name
+        assert option.help and option.metavar and "VALUE" not in option.metavar, option.name
+    secret = {option.name for option in OPTIONS if option.secret}
+    assert secret == {"access_key_secret", "token_secret"}
+    assert {f.name for f in fields(Settings) if not f.repr} == secret
+    settings = Settings(access_key_secret="ak-secret", token_secret="t" * 32)
+    assert settings.secrets == ("ak-secret", "t" * 32)
+
+
+@pytest.mark.parametrize(
+    ("parse", "raw", "error"),
+    [
+        (positive_float, "0", "must be a positive number, got '0'"),
+        (positive_float, "nan", "must be a positive number, got 'nan'"),
+        (non_negative_float, "-1", "must be a number >= 0, got '-1'"),
+        (non_negative_float, "inf", "must be a number >= 0, got 'inf'"),
+        (fraction, "1.5", "must be a number from 0 to 1, got '1.5'"),
+        (positive_int, "1.5", "must be a whole number >= 1, got '1.5'"),
+        (positive_int, "0", "must be a whole number >= 1, got '0'"),
+        (port_number, "70000", "must be a whole number from 0 to 65535, got '70000'"),
+    ],
+)
+def test_bounded_numbers_say_which_numbers_they_take(
+    parse: Callable[[str], Any], raw: str, error: str
+) -> None:
+    with pytest.raises(ValueError) as raised:
+        parse(raw)
+    assert str(raised.value) == error
+
+
+def test_bounded_numbers_take_their_bounds() -> None:
+    assert (non_negative_float("0"), fraction("0"), fraction("1")) == (0.0, 0.0, 1.0)
+    assert (positive_int("1"), port_number("0"), port_number("65535")) == (1, 0, 65535)
+    assert positive_float(" 0.25 ") == 0.25
+
+
+def test_log_settings() -> None:
+    assert (Settings().log_level, Settings().log_format) == ("info", "text")
+    settings = load_settings({}, {"RELAY_LOG_LEVEL": "WARNING", "RELAY_LOG_FORMAT": "json"})
+    assert (settings.log_level, settings.log_format) == ("warning", "json")
+    assert load_settings({"log_level": "debug"}, {"RELAY_LOG_LEVEL": "error"}).log_level == "debug"
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {"RELAY_LOG_FORMAT": "xml"})
+    assert str(raised.value) == "RELAY_LOG_FORMAT must be one of text, json, got 'xml'"
 
 
 def test_flags_win_over_environment_which_wins_over_defaults() -> None:
@@ -54,6 +119,8 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
         ({"redis_url": "http://x"}, {}, "--redis"),
         ({}, {"RELAY_ACCESS_KEY_ID": "only-the-id"}, "RELAY_ACCESS_KEY_SECRET"),
         ({"fetch_result": "maybe"}, {}, "--fetch-result"),
+        ({"signing": "hmac"}, {}, "--signing"),
+        ({}, {"RELAY_LOG_LEVEL": "loud"}, "RELAY_LOG_LEVEL"),
     ],
 )
 def test_bad_values_name_the_setting(
@@ -97,20 +164,178 @@ def test_procfile_runs_the_relay_on_port_on_all_interfaces() -> None:
     assert procfile.strip() == "web: relay serve --host 0.0.0.0 --port $PORT"
 
 
-def test_the_readme_limits_table_states_the_real_defaults() -> None:
-    """Every row of README's "Security and limits" table names an option and its default."""
-    section = (ROOT / "README.md").read_text().split("## Security and limits")[1].split("\n## ")[0]
-    rows = re.findall(r"^\| `(RELAY_[A-Z_]+)` \| ([^|]+) \|", section, flags=re.MULTILINE)
+def limits_table() -> str:
+    """README's "Security and limits" section, or docs/operations.md's "Limits" once moved."""
+    readme = (ROOT / "README.md").read_text()
+    if "## Security and limits" in readme:
+        return readme.split("## Security and limits")[1].split("\n## ")[0]
+    return (ROOT / "docs" / "operations.md").read_text().split("## Limits")[1].split("\n## ")[0]
+
+
+def test_the_limits_table_states_the_real_defaults() -> None:
+    """Every row of the limits table names an option and its default."""
+    rows = re.findall(r"^\| `(RELAY_[A-Z_]+)` \| ([^|]+) \|", limits_table(), flags=re.MULTILINE)
     assert len(rows) >= 10, rows
     by_env = {env: option for option in OPTIONS for env in option.env}
-    defaults = Settings()
     for env, stated in rows:
-        value = getattr(defaults, by_env[env].name)
-        if value is None or value == ():
+        shown = by_env[env].shown_default
+        if shown is None:
             assert not stated.strip().startswith("`"), (env, stated)
         else:
-            expected = f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
-            assert stated.strip() == expected, env
+            assert stated.strip() == f"`{shown}`", env
+
+
+def settings_row(option: Option) -> str:
+    env = " or ".join(f"`{name}`" for name in option.env)
+    flag = f"`{option.flag} {option.metavar}`" if option.flag else ""
+    shown = option.shown_default
+    default = option.unset_text if shown is None else f"`{shown}`"
+    return f"| {env} | {flag} | {default} | {option.help} |"
+
+
+def test_docs_settings_table_is_the_declarations() -> None:
+    """docs/settings.md's table is rendered from relay/config.py, row for row: no drift."""
+    expected = [
+        "| environment variable | flag | default | meaning |",
+        "|---|---|---|---|",
+        *(settings_row(option) for option in OPTIONS),
+    ]
+    doc = (ROOT / "docs" / "settings.md").read_text()
+    table = [line for line in doc.splitlines() if line.startswith("|")]
+    assert table == expected, "docs/settings.md should have this table:\n" + "\n".join(expected)
+
+
+def help_of(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """A command's help, its whitespace squeezed (argparse wraps to the terminal's width)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_serve_help_shows_each_option_once_with_env_and_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = help_of(["serve"], capsys, monkeypatch)
+    assert text.startswith("usage: relay serve [OPTION ...]")
+    assert "VALUE" not in text
+    for expected in (
+        "--poll-interval SECONDS seconds between polls of a running task"
+        " (env RELAY_POLL_INTERVAL, default 1)",
+        "--port PORT listening port (env RELAY_PORT or PORT, default 8000)",
+        "--signing {apigw,none} ",
+        "(env RELAY_SIGNING, default apigw)",
+        "--log-level {debug,info,warning,error} ",
+        "(env RELAY_LOG_LEVEL, default info)",
+        "--log-format {text,json} ",
+        "(env RELAY_LOG_FORMAT, default text)",
+        "--upstream URL base URL of the progress API"
+        " (env RELAY_UPSTREAM_URL, default unset: embedded simulator)",
+        "--fetch-result {0,1} ",
+        "RELAY_TOKEN_SECRET HS256 secret",
+    ):
+        assert expected in text, expected
+    for option in OPTIONS:
+        default = f"default {option.shown_default or option.unset_text}"
+        if option.flag is None:
+            assert f"{option.env[0]} {option.help} ({default})" in text, option.name
+        else:
+            env = " or ".join(option.env)
+            line = f"{option.flag} {option.metavar} {option.help} (env {env}, {default})"
+            assert line in text, line
+            assert text.count(f"{option.flag} ") == 1, option.flag
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("simulate", ["--port PORT listening port (default 8001)", "--fail-rate SHARE "]),
+        ("simulate", ["--log-level {debug,info,warning,error} ", "(default warning)"]),
+        ("token", ["usage: relay token [-h] [--ttl SECONDS] TASK_ID [TASK_ID ...]"]),
+        ("token", ["--ttl SECONDS seconds until it expires (default 600)", "RELAY_TOKEN_SECRET"]),
+    ],
+)
+def test_simulate_and_token_help(
+    command: str,
+    expected: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = help_of([command], capsys, monkeypatch)
+    assert "VALUE" not in text and "(env " not in text
+    for part in expected:
+        assert part in text, part
+    for option in SIMULATE_OPTIONS if command == "simulate" else TOKEN_OPTIONS:
+        line = f"{option.flag} {option.metavar} {option.help} (default {option.shown_default})"
+        assert line in text, line
+
+
+def test_top_level_help_lists_the_commands(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = help_of([], capsys, monkeypatch)
+    assert text.startswith("usage: relay [-h] [--version] COMMAND ...")
+    for command in ("serve run the relay", "simulate run the simulated", "token print an"):
+        assert command in text
+    assert "relay COMMAND --help" in text
+
+
+def test_bare_relay_prints_the_full_help_and_exits_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay"], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: relay [-h] [--version] COMMAND ...")
+    assert "commands:" in result.stderr and "relay COMMAND --help" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "simulate", "token"])
+def test_an_unknown_option_gets_the_command_usage(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "task-a", "--bogus"] if command == "token" else [command, "--bogus"])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"usage: relay {command} ")
+    assert lines[-1] == f"relay {command}: error: unrecognized arguments: --bogus"
+
+
+def test_a_bad_simulate_flag_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["simulate", "--fail-rate", "2"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "relay: error: --fail-rate must be a number from 0 to 1, got '2'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "ways"), [("serve", "--port or RELAY_PORT/PORT"), ("simulate", "--port")]
+)
+def test_a_busy_port_is_one_line_and_exit_2(command: str, ways: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", command, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"relay: error: 127.0.0.1:{port} is already in use: choose another port with {ways}"
+    ]
+    assert "Application startup complete" not in result.stderr
+    assert "http://" not in result.stderr
 
 
 def test_relay_simulate_misbehaves_as_its_fault_flags_say() -> None:
