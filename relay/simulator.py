@@ -2,7 +2,9 @@
 
 Tasks wait in a queue, then run through ComfyUI-like nodes step by step, and end
 `succeeded` or, now and then, `failed`. Progress follows the wall clock, so a
-task looks the same whoever asks and however often.
+task looks the same whoever asks and however often. A waiting task's
+`lastQueueRemaining` is its place in the queue, counting down as the tasks ahead
+of it start.
 
 Upstream routes (as the real service): `POST /scc/comfy_get_progress`,
 `POST /scc/comfy_get_result`. Control routes (the simulator's own):
@@ -45,6 +47,11 @@ WORKFLOW: tuple[tuple[str, int], ...] = (
 TOTAL_STEPS = sum(steps for _, steps in WORKFLOW)
 FAULT_KINDS = ("error", "throttle", "timeout", "malformed")
 MAX_TASKS = 100_000
+# The simulated queue starts one task every ADMIT_EVERY seconds: a task with s seconds
+# still to wait is at place ceil(s / ADMIT_EVERY), which counts down as it waits. A task
+# started without a queue time joins the back, ADMIT_EVERY after the last one that did, so
+# a batch started together leaves the queue one by one, each at its own place.
+ADMIT_EVERY = 1.0
 IMAGE_SVG = (
     '<svg xmlns="http://www.w3.org/2000/svg" width="256" height="256" viewBox="0 0 256 256">'
     '<defs><linearGradient id="g" x1="0" y1="0" x2="1" y2="1">'
@@ -63,19 +70,19 @@ class SimTask:
     created: float
     queue_seconds: float
     run_seconds: float
-    queue_ahead: int
     fail_at: float | None  # fraction of the run at which it fails, None when it succeeds
 
     def state(self, now: float) -> dict[str, Any]:
         elapsed = now - self.created
-        if elapsed < self.queue_seconds:
-            left = 1 - elapsed / self.queue_seconds
+        left = self.queue_seconds - elapsed
+        if left > 0:
             return {
                 "taskId": self.task_id,
                 "status": "waiting",
                 "progress": 0,
                 "etaRelative": 0,
-                "lastQueueRemaining": max(1, math.ceil(self.queue_ahead * left)),
+                # Its place in a queue that lets one task start every ADMIT_EVERY seconds.
+                "lastQueueRemaining": max(1, math.ceil(left / ADMIT_EVERY)),
             }
         fraction = (elapsed - self.queue_seconds) / self.run_seconds
         if self.fail_at is not None and fraction >= self.fail_at:
@@ -136,11 +143,11 @@ class Faults:
     retry_after: float = 1.0
     script: deque[str] = field(default_factory=deque)
 
-    def draw(self) -> str | None:
+    def draw(self, rng: random.Random) -> str | None:
         if self.script:
             kind = self.script.popleft()
             return None if kind == "ok" else kind
-        roll = random.random()
+        roll = rng.random()
         for kind, rate in zip(
             FAULT_KINDS,
             (self.error_rate, self.throttle_rate, self.timeout_rate, self.malformed_rate),
@@ -179,9 +186,16 @@ class Simulator:
         fail_rate: float = 0.1,
         faults: Faults | None = None,
         credentials: dict[str, str] | None = None,
+        seed: int | None = None,
     ) -> None:
-        """`credentials` maps AccessKey IDs to secrets: given, every call must be signed."""
+        """`credentials` maps AccessKey IDs to secrets: given, every call must be signed.
+
+        `seed` makes outcomes and faults repeatable. The simulator draws from its own
+        `random.Random`, never the global one that tests (Hypothesis) may be drawing from.
+        """
         self.fail_rate = fail_rate
+        self.random = random.Random(seed)
+        self.queue_back = 0.0  # when the last task that joined the back leaves the queue
         self.credentials = credentials
         self.nonces = NonceCache()
         self.refused: Counter[str] = Counter()
@@ -213,19 +227,25 @@ class Simulator:
         ]
 
     def start_task(
-        self, *, queue: float = 3.0, duration: float = 20.0, fail: bool | None = None
+        self, *, queue: float | None = None, duration: float = 20.0, fail: bool | None = None
     ) -> SimTask:
+        """Start a task that waits `queue` seconds (None: joins the back of the queue),
+        runs `duration` seconds and fails when `fail` says (None: at the fail rate)."""
         if len(self.tasks) >= MAX_TASKS:
             self.tasks.pop(next(iter(self.tasks)))
+        now = time.monotonic()
+        if queue is None:
+            queue = max(ADMIT_EVERY, self.queue_back + ADMIT_EVERY - now)
+            self.queue_back = now + queue
         if fail is None:
-            fail = random.random() < self.fail_rate
+            fail = self.random.random() < self.fail_rate
         task = SimTask(
+            # Not from self.random: IDs stay unique across simulators seeded alike.
             task_id=secrets.token_hex(13)[:25],
-            created=time.monotonic(),
+            created=now,
             queue_seconds=queue,
             run_seconds=duration,
-            queue_ahead=max(1, min(9, round(queue))) if queue > 0 else 0,
-            fail_at=random.uniform(0.3, 0.8) if fail else None,
+            fail_at=self.random.uniform(0.3, 0.8) if fail else None,
         )
         self.tasks[task.task_id] = task
         return task
@@ -288,7 +308,7 @@ class Simulator:
             self.handovers[task_key] += 1
         if self.faults.latency:
             await asyncio.sleep(self.faults.latency)
-        return task_key, self.faults.draw()
+        return task_key, self.faults.draw(self.random)
 
     async def _misbehave(self, fault: str) -> Response:
         if fault.startswith("refused:"):
@@ -312,10 +332,11 @@ class Simulator:
             options = json.loads(await request.body() or b"{}")
             if not isinstance(options, dict):
                 raise ValueError("body must be a JSON object")
-            queue = float(options.get("queue", 3.0))
+            queue = options.get("queue")
+            queue = None if queue is None else float(queue)
             duration = float(options.get("duration", 20.0))
             fail = options.get("fail")
-            if not (0 <= queue <= 3600 and 0 < duration <= 3600):
+            if not ((queue is None or 0 <= queue <= 3600) and 0 < duration <= 3600):
                 raise ValueError("queue must be 0-3600 s and duration 0-3600 s")
             if fail is not None and not isinstance(fail, bool):
                 raise ValueError("fail must be true, false or absent")

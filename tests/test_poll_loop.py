@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import random
 import time
 
 import httpx
@@ -32,6 +33,28 @@ def test_intervals_are_jittered_within_bounds() -> None:
     policy = PollPolicy(interval=1.0, jitter=0.1)
     delays = {policy.next_interval({"status": "running"}) for _ in range(50)}
     assert len(delays) > 1 and all(0.9 <= d <= 1.1 for d in delays)
+
+
+def test_jitter_is_drawn_from_the_policys_own_seedable_random() -> None:
+    draws = [
+        [PollPolicy(rng=random.Random(7)).next_interval({"status": "running"}) for _ in range(3)]
+        for _ in range(2)
+    ]
+    assert draws[0] == draws[1]
+    before = random.getstate()
+    PollPolicy().next_interval({"status": "running"})
+    PollPolicy().backoff(3)
+    assert random.getstate() == before
+
+
+async def test_a_relay_following_a_task_draws_nothing_from_the_global_random(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    """Hypothesis warns when server threads use the global random while it draws examples."""
+    before = random.getstate()
+    task_id = upstream.start_task(queue=0.2, duration=0.6)
+    assert (await watch_sse(http, relay.url, task_id)).ended == "succeeded"
+    assert random.getstate() == before
 
 
 def test_backoff_grows_is_capped_and_respects_retry_after() -> None:
