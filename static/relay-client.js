@@ -1,9 +1,9 @@
 /**
  * relay-client.js: browser client for comfy-relay.
  *
- * An ES module with no dependencies and no build step:
+ * An ES module with no dependencies and no build step. Most pages need one line:
  *
- *     import { subscribe, onConnection } from "/static/relay-client.js";
+ *     import { subscribe } from "/static/relay-client.js";
  *     const stop = subscribe(taskId, {
  *       transport: "sse",                      // or "ws"
  *       onState: (state) => render(state),     // always the whole current state
@@ -11,63 +11,68 @@
  *       onError: (err) => warn(err),           // {code, message, retrying}
  *     });
  *
- * The relay sends a full state first ("snapshot") and then JSON Merge Patches
- * (RFC 7396); this module applies them and hands out whole states.
+ * `subscribe()` talks to the relay this file was loaded from (the folder above
+ * `/static/`). For another relay, or settings of your own, make a client per
+ * relay and use its methods, which are the same:
  *
- * - WebSocket: one shared socket per page for every "ws" subscription. It
+ *     const relay = new RelayClient("https://relay.example.com/", { maxTasksPerStream: 8 });
+ *     relay.onConnection((state) => (indicator.dataset.state = state));
+ *     relay.subscribe(taskId, { onState, onEnd, onError });
+ *
+ * The relay sends a full state first ("snapshot") and then JSON Merge Patches
+ * (RFC 7396); the client applies them and hands out whole states.
+ *
+ * - WebSocket: one socket per client for every "ws" subscription. It
  *   reconnects with capped exponential backoff and jitter, and resubscribes
  *   every live task with the last sequence number it saw.
  * - Server-Sent Events: one task uses `/v1/tasks/{id}/events`; several tasks
  *   share one multiplexed `/v1/events?taskId=...` stream (browsers allow only
  *   six HTTP/1.1 connections per origin). The stream is re-opened with the new
- *   list when tasks are added or dropped (re-opened streams start with a fresh
- *   snapshot), and closed once all of its tasks ended.
+ *   list when tasks are added or dropped, saying where each task stands, and
+ *   closed once all of its tasks ended.
  *
- * By default the relay is the server this file was loaded from (the folder
- * above `/static/`); call `configure({ baseUrl })` to point elsewhere.
+ * The functions above the transports are pure (no DOM, no network) and are
+ * exported so that `node --test` can check them (tests/js/).
  *
  * @module relay-client
  */
 
-const TASK_ID_RE = /^[A-Za-z0-9_-]{1,128}$/;
-const TERMINAL_STATUSES = new Set(["succeeded", "failed"]);
+/** Connection states, for the whole client and for each transport. */
+export const ConnectionState = Object.freeze({
+  /** nothing subscribed */
+  IDLE: "idle",
+  /** opening a first connection */
+  CONNECTING: "connecting",
+  /** connected: updates flow */
+  OPEN: "open",
+  /** lost, trying again at once (the browser's own EventSource retry) */
+  RECONNECTING: "reconnecting",
+  /** lost, waiting out a backoff before trying again */
+  DOWN: "down",
+});
 
-const config = {
-  baseUrl: defaultBaseUrl(),
+/** The two ways to reach the relay. */
+export const Transport = Object.freeze({ SSE: "sse", WS: "ws" });
+
+/** Client settings, each of which `new RelayClient(url, options)` may override. */
+export const DEFAULT_OPTIONS = Object.freeze({
+  /** tasks per multiplexed SSE stream (the relay's default cap); more use several streams */
   maxTasksPerStream: 32,
+  /** first reconnect delay, doubled per failure up to backoffMaxMs, with jitter */
   backoffInitialMs: 500,
   backoffMaxMs: 15000,
+  /** how long an unused WebSocket stays open, in case a subscription follows */
   wsIdleCloseMs: 1000,
+  /** send cookies on cross-origin SSE */
   sseWithCredentials: false,
-};
+});
 
-function defaultBaseUrl() {
-  try {
-    return new URL("../", import.meta.url).href;
-  } catch {
-    return globalThis.location ? new URL("/", globalThis.location.href).href : "/";
-  }
-}
+const TASK_ID_RE = /^[A-Za-z0-9_-]{1,128}$/;
+const TERMINAL_STATUSES = new Set(["succeeded", "failed"]);
+const { IDLE, CONNECTING, OPEN, RECONNECTING, DOWN } = ConnectionState;
 
-/**
- * Change client settings. Call before the first `subscribe()`.
- *
- * @param {object} options
- * @param {string} [options.baseUrl] Relay base URL, e.g. "https://relay.example.com/"
- *   (default: the folder above the `/static/` this module was served from).
- * @param {number} [options.maxTasksPerStream=32] Tasks per multiplexed SSE stream
- *   (the relay's cap); more tasks are spread over several streams.
- * @param {number} [options.backoffInitialMs=500] First reconnect delay.
- * @param {number} [options.backoffMaxMs=15000] Longest reconnect delay.
- * @param {boolean} [options.sseWithCredentials=false] Send cookies on cross-origin SSE.
- */
-export function configure(options = {}) {
-  for (const [key, value] of Object.entries(options)) {
-    if (!(key in config)) throw new TypeError(`relay-client: unknown option ${key}`);
-    config[key] = value;
-  }
-  if (!config.baseUrl.endsWith("/")) config.baseUrl += "/";
-}
+// ---------------------------------------------------------------------------
+// Pure functions
 
 /**
  * Whether a string is a valid task ID (1 to 128 of `[A-Za-z0-9_-]`), the rule
@@ -108,11 +113,163 @@ export function applyMergePatch(target, patch) {
   return result;
 }
 
+/**
+ * A sequence number from an event id or a message's `seq`; undefined when there is none.
+ *
+ * @param {unknown} value
+ * @returns {number | undefined}
+ */
+export function parseSeq(value) {
+  if (value === undefined || value === null || value === "") return undefined;
+  const n = Number(value);
+  return Number.isSafeInteger(n) && n >= 0 ? n : undefined;
+}
+
+/**
+ * The positions in a multiplexed stream's event id (`"A:12,B:40"`), as a Map
+ * of task ID to sequence number. Malformed parts are skipped.
+ *
+ * @param {string | null | undefined} id
+ * @returns {Map<string, number>}
+ */
+export function parseStreamId(id) {
+  const positions = new Map();
+  for (const part of (id ?? "").split(",")) {
+    const at = part.lastIndexOf(":");
+    const taskId = part.slice(0, at);
+    const seq = parseSeq(part.slice(at + 1));
+    if (at > 0 && isValidTaskId(taskId) && seq !== undefined) positions.set(taskId, seq);
+  }
+  return positions;
+}
+
+/**
+ * Where a new stream for `ids` should resume, as its `lastEventId` parameter:
+ * a plain number for a one-task stream, `"A:12,B:40"` for a multiplexed one
+ * (only the tasks with a known seq); undefined when no task has one.
+ *
+ * @param {string[]} ids
+ * @param {Map<string, number | undefined>} seqs
+ * @returns {string | undefined}
+ */
+export function resumePosition(ids, seqs) {
+  const held = ids.filter((id) => seqs.get(id) !== undefined);
+  if (!held.length) return undefined;
+  if (ids.length === 1) return String(seqs.get(ids[0]));
+  return held.map((id) => `${id}:${seqs.get(id)}`).join(",");
+}
+
+/**
+ * The URL of an SSE stream for one task or several.
+ *
+ * @param {string} baseUrl the relay's base URL, ending in "/"
+ * @param {string[]} ids
+ * @param {{token?: string, seqs?: Map<string, number | undefined>}} [options]
+ * @returns {string}
+ */
+export function streamUrl(baseUrl, ids, { token, seqs = new Map() } = {}) {
+  let target;
+  if (ids.length === 1) {
+    target = new URL(`v1/tasks/${encodeURIComponent(ids[0])}/events`, baseUrl);
+  } else {
+    target = new URL("v1/events", baseUrl);
+    for (const id of ids) target.searchParams.append("taskId", id);
+  }
+  if (token !== undefined) target.searchParams.set("token", token);
+  // A new EventSource sends no Last-Event-ID: say where each task stands, so the relay
+  // sends patches for the tasks this page already holds instead of fresh snapshots.
+  const position = resumePosition(ids, seqs);
+  if (position !== undefined) target.searchParams.set("lastEventId", position);
+  return target.href;
+}
+
+/**
+ * The relay's WebSocket URL: ws: for http:, wss: for https:.
+ *
+ * @param {string} baseUrl
+ * @returns {string}
+ */
+export function webSocketUrl(baseUrl) {
+  const target = new URL("v1/ws", baseUrl);
+  target.protocol = target.protocol === "https:" ? "wss:" : "ws:";
+  return target.href;
+}
+
+/**
+ * A base URL made absolute (against `against`, the page's address) and ending in "/".
+ *
+ * @param {string} url
+ * @param {string} [against]
+ * @returns {string}
+ */
+export function normalizeBaseUrl(url, against) {
+  const absolute = new URL(url, against).href;
+  return absolute.endsWith("/") ? absolute : `${absolute}/`;
+}
+
+/**
+ * How long to wait before retry number `attempt` (0 for the first): a ceiling
+ * that doubles from `backoffInitialMs` up to `backoffMaxMs`, and a random delay
+ * between half of it and all of it, so that clients that lost the relay together
+ * do not all come back in the same instant.
+ *
+ * @param {number} attempt
+ * @param {{backoffInitialMs: number, backoffMaxMs: number}} options
+ * @param {() => number} [random] uniform in [0, 1)
+ * @returns {number} milliseconds
+ */
+export function backoffDelay(attempt, { backoffInitialMs, backoffMaxMs }, random = Math.random) {
+  const ceiling = Math.min(backoffMaxMs, backoffInitialMs * 2 ** Math.min(Math.max(attempt, 0), 16));
+  return ceiling / 2 + random() * (ceiling / 2);
+}
+
+/**
+ * One state for several connections: idle when none is in use, the worst
+ * state among those in use otherwise (down, then reconnecting, then connecting).
+ *
+ * @param {string[]} states
+ * @returns {string}
+ */
+export function combineStates(states) {
+  const active = states.filter((s) => s !== IDLE);
+  if (!active.length) return IDLE;
+  return [DOWN, RECONNECTING, CONNECTING].find((s) => active.includes(s)) ?? OPEN;
+}
+
+/**
+ * `DEFAULT_OPTIONS` with `options` over them, in a new frozen object: the
+ * caller's object is never changed. Unknown keys and wrong types are refused.
+ *
+ * @param {object} [options]
+ * @returns {Readonly<typeof DEFAULT_OPTIONS>}
+ */
+export function mergeOptions(options = {}) {
+  for (const [key, value] of Object.entries(options)) {
+    if (!(key in DEFAULT_OPTIONS)) throw new TypeError(`relay-client: unknown option ${key}`);
+    if (typeof value !== typeof DEFAULT_OPTIONS[key]) {
+      throw new TypeError(`relay-client: ${key} must be a ${typeof DEFAULT_OPTIONS[key]}`);
+    }
+  }
+  return Object.freeze({ ...DEFAULT_OPTIONS, ...options });
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the transports
+
+function defaultBaseUrl() {
+  try {
+    return new URL("../", import.meta.url).href;
+  } catch {
+    return globalThis.location ? new URL("/", globalThis.location.href).href : "/";
+  }
+}
+
 function report(error) {
   if (typeof globalThis.reportError === "function") globalThis.reportError(error);
   else console.error(error);
 }
 
+/** Call a user's callback; its exceptions are reported, never thrown into the client. */
 function call(fn, ...args) {
   if (typeof fn !== "function") return;
   try {
@@ -122,23 +279,10 @@ function call(fn, ...args) {
   }
 }
 
-function backoffDelay(attempt) {
-  const ceiling = Math.min(config.backoffMaxMs, config.backoffInitialMs * 2 ** Math.min(attempt, 16));
-  return ceiling / 2 + Math.random() * (ceiling / 2);
-}
-
-function url(path) {
-  return new URL(path, config.baseUrl);
-}
-
-// ---------------------------------------------------------------------------
-// One task as seen by this page on one transport, shared by all subscribe()
-// calls for it.
-
+/** One task as seen by one client on one transport, shared by all subscribe() calls for it. */
 class TaskEntry {
-  constructor(taskId, transport, token) {
+  constructor(taskId, token) {
     this.taskId = taskId;
-    this.transport = transport;
     this.token = token; // string, or a function returning one, or undefined
     this.state = undefined;
     this.seq = undefined;
@@ -193,620 +337,691 @@ class TaskEntry {
   }
 }
 
-function parseSeq(value) {
-  if (value === undefined || value === null || value === "") return undefined;
-  const n = Number(value);
-  return Number.isFinite(n) ? n : undefined;
-}
-
 // ---------------------------------------------------------------------------
-// Connection state, aggregated over both transports.
+// The transports. Both have the same small interface, which is all RelayClient uses:
+//   tasks        Map of task ID to TaskEntry, the live subscriptions
+//   state        a ConnectionState, IDLE whenever no task is subscribed
+//   add(entry)   start delivering a task's events to entry
+//   remove(id)   stop, and tell the relay when the connection stays open
+//   retryNow()   skip a pending backoff (the browser is back online)
+//   close()      drop everything
 
-const connectionListeners = new Set();
-let lastConnection = { state: "idle", sse: "idle", ws: "idle" };
-
-function computeConnection() {
-  const parts = { sse: sseState(), ws: ws.state };
-  const active = Object.values(parts).filter((s) => s !== "idle");
-  let state = "idle";
-  if (active.length) {
-    state = ["down", "reconnecting", "connecting"].find((s) => active.includes(s)) ?? "open";
+/** One WebSocket for all of a client's "ws" subscriptions. */
+class WebSocketTransport {
+  constructor(client) {
+    this.client = client;
+    this.tasks = new Map();
+    this.socket = null;
+    this.status = IDLE; // of the socket, which may outlive the last subscription a moment
+    this.attempts = 0;
+    this.recovering = false; // lost the connection, not yet back
+    this.retryTimer = null;
+    this.idleTimer = null;
   }
-  return { state, ...parts };
-}
 
-function updateConnection() {
-  const next = computeConnection();
-  if (next.state === lastConnection.state && next.sse === lastConnection.sse && next.ws === lastConnection.ws) return;
-  lastConnection = next;
-  for (const fn of [...connectionListeners]) call(fn, next.state, { sse: next.sse, ws: next.ws });
-}
-
-/**
- * Listen to the page's connection to the relay. `fn(state, detail)` is called
- * at once with the current state and again on every change. `state` is
- * "idle" (nothing subscribed), "connecting", "open", "down" (lost, waiting to
- * retry) or "reconnecting"; `detail` has the same for each transport:
- * `{sse, ws}`.
- *
- * @param {(state: string, detail: {sse: string, ws: string}) => void} fn
- * @returns {() => void} removes the listener
- */
-export function onConnection(fn) {
-  connectionListeners.add(fn);
-  call(fn, lastConnection.state, { sse: lastConnection.sse, ws: lastConnection.ws });
-  return () => connectionListeners.delete(fn);
-}
-
-/**
- * The current connection state, as passed to `onConnection` listeners.
- *
- * @returns {{state: string, sse: string, ws: string}}
- */
-export function connectionState() {
-  return { ...lastConnection };
-}
-
-// ---------------------------------------------------------------------------
-// WebSocket: one socket for all "ws" subscriptions.
-
-const ws = {
-  socket: null,
-  tasks: new Map(),
-  state: "idle",
-  attempts: 0,
-  recovering: false, // lost the connection, not yet back
-  retryTimer: null,
-  idleTimer: null,
-};
-
-function wsUrl() {
-  const u = url("v1/ws");
-  u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
-  return u.href;
-}
-
-function wsSend(message) {
-  if (ws.socket && ws.socket.readyState === WebSocket.OPEN) {
-    ws.socket.send(JSON.stringify(message));
-    return true;
+  get state() {
+    return this.tasks.size ? this.status : IDLE;
   }
-  return false;
-}
 
-function wsSubscribeMessage(entry) {
-  const message = { type: "subscribe", taskId: entry.taskId };
-  if (entry.seq !== undefined) message.lastSeq = entry.seq;
-  const token = entry.currentToken();
-  if (token !== undefined) message.token = token;
-  return message;
-}
-
-function wsConnect() {
-  ws.retryTimer = null;
-  if (ws.socket || ws.tasks.size === 0) return;
-  let socket;
-  try {
-    socket = new WebSocket(wsUrl());
-  } catch (error) {
-    report(error);
-    wsScheduleReconnect();
-    return;
+  add(entry) {
+    this.tasks.set(entry.taskId, entry);
+    clearTimeout(this.idleTimer);
+    this.idleTimer = null;
+    if (this.socket) this.send(this.subscribeMessage(entry)); // sent on open otherwise
+    else if (!this.retryTimer) this.connect();
   }
-  ws.socket = socket;
-  ws.state = ws.recovering ? "reconnecting" : "connecting";
-  updateConnection();
 
-  socket.onopen = () => {
-    if (ws.socket !== socket) return;
-    ws.recovering = false;
-    ws.state = "open";
-    for (const entry of ws.tasks.values()) wsSend(wsSubscribeMessage(entry));
-    updateConnection();
-  };
-  socket.onmessage = (event) => {
-    if (ws.socket !== socket) return;
-    ws.attempts = 0; // the relay talks to us: the next outage starts over
-    let message;
-    try {
-      message = JSON.parse(event.data);
-    } catch {
-      return;
-    }
-    wsHandle(message);
-  };
-  socket.onclose = () => {
-    if (ws.socket !== socket) return;
-    ws.socket = null;
-    if (ws.tasks.size === 0) {
-      ws.state = "idle";
-      updateConnection();
-      return;
-    }
-    wsScheduleReconnect();
-  };
-  socket.onerror = () => {}; // a close event follows
-}
-
-function wsScheduleReconnect() {
-  ws.state = "down";
-  ws.recovering = true;
-  const delay = backoffDelay(ws.attempts++);
-  clearTimeout(ws.retryTimer);
-  ws.retryTimer = setTimeout(wsConnect, delay);
-  updateConnection();
-}
-
-function wsHandle(message) {
-  if (!message || typeof message !== "object") return;
-  const entry = message.taskId !== undefined ? ws.tasks.get(message.taskId) : undefined;
-  if (!entry) {
-    if (message.type === "error") console.warn("relay-client: relay error", message.data);
-    return;
-  }
-  const seq = parseSeq(message.seq);
-  switch (message.type) {
-    case "snapshot":
-      entry.snapshot(message.data, seq);
-      break;
-    case "patch":
-      if (entry.state === undefined) {
-        // Nothing to patch: ask for a fresh snapshot.
-        entry.seq = undefined;
-        wsSend({ type: "unsubscribe", taskId: entry.taskId });
-        wsSend(wsSubscribeMessage(entry));
-      } else {
-        entry.patch(message.data, seq);
-      }
-      break;
-    case "end":
-      ws.tasks.delete(entry.taskId);
-      clearTimeout(entry.retryTimer);
-      entry.end(message.data?.status);
-      wsMaybeIdle();
-      break;
-    case "error": {
-      const err = message.data ?? {};
-      if (err.retrying === true) {
-        // "overloaded" refused the subscription: ask again later. Other retrying
-        // errors (upstream_unavailable) are retried by the relay itself.
-        if (err.code === "overloaded") wsResubscribeLater(entry);
-        entry.error(err);
-      } else {
-        ws.tasks.delete(entry.taskId);
-        clearTimeout(entry.retryTimer);
-        entry.error(err);
-        wsMaybeIdle();
-      }
-      break;
-    }
-    default:
-      break;
-  }
-}
-
-function wsResubscribeLater(entry) {
-  clearTimeout(entry.retryTimer);
-  entry.retryTimer = setTimeout(() => {
-    entry.retryTimer = null;
-    if (ws.tasks.get(entry.taskId) === entry) wsSend(wsSubscribeMessage(entry));
-  }, backoffDelay(entry.attempts++));
-}
-
-function wsAdd(entry) {
-  ws.tasks.set(entry.taskId, entry);
-  clearTimeout(ws.idleTimer);
-  ws.idleTimer = null;
-  if (ws.socket) wsSend(wsSubscribeMessage(entry)); // sent on open otherwise
-  else if (!ws.retryTimer) wsConnect();
-}
-
-function wsRemove(taskId) {
-  const entry = ws.tasks.get(taskId);
-  if (!entry) return;
-  ws.tasks.delete(taskId);
-  clearTimeout(entry.retryTimer);
-  wsSend({ type: "unsubscribe", taskId });
-  wsMaybeIdle();
-}
-
-function wsMaybeIdle() {
-  if (ws.tasks.size > 0) return;
-  clearTimeout(ws.retryTimer);
-  ws.retryTimer = null;
-  ws.attempts = 0;
-  ws.recovering = false;
-  clearTimeout(ws.idleTimer);
-  ws.idleTimer = setTimeout(() => {
-    ws.idleTimer = null;
-    if (ws.tasks.size > 0) return;
-    const socket = ws.socket;
-    ws.socket = null;
-    if (socket) socket.close(1000, "no subscriptions");
-    ws.state = "idle";
-    updateConnection();
-  }, config.wsIdleCloseMs);
-  if (!ws.socket) {
-    ws.state = "idle";
-    updateConnection();
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Server-Sent Events: one stream for one task, one multiplexed stream for many.
-
-const sse = {
-  tasks: new Map(), // live "sse" subscriptions
-  streams: new Set(),
-  attempts: 0,
-  retryTimer: null, // waiting out a backoff
-  probing: false, // asking the relay why it refused a stream
-  reconcileQueued: false,
-  recovering: false, // a stream failed, not yet back
-};
-
-function sseState() {
-  if (sse.retryTimer || sse.probing) return "down";
-  if (sse.streams.size === 0) return sse.tasks.size ? "connecting" : "idle";
-  const states = [...sse.streams].map((s) => s.state);
-  return ["down", "reconnecting", "connecting"].find((s) => states.includes(s)) ?? "open";
-}
-
-function sseScheduleReconcile() {
-  if (sse.reconcileQueued) return;
-  sse.reconcileQueued = true;
-  // A macrotask, so that a page subscribing to many tasks in one go opens one stream.
-  setTimeout(() => {
-    sse.reconcileQueued = false;
-    sseReconcile();
-  }, 0);
-}
-
-/** Open, re-open or close streams so that every live task is on exactly one. */
-function sseReconcile() {
-  if (sse.retryTimer || sse.probing) return; // it reconciles when done
-  let covered = 0;
-  let rebuild = false;
-  for (const stream of sse.streams) {
-    if (stream.live.size === 0) sseCloseStream(stream);
-    else if (stream.stale) rebuild = true;
-    else covered += stream.live.size;
-  }
-  if (covered !== sse.tasks.size) rebuild = true;
-  if (rebuild) {
-    for (const stream of sse.streams) sseCloseStream(stream);
-    // A stream carries one token: tasks are grouped by token, then chunked.
-    const groups = new Map();
-    for (const entry of sse.tasks.values()) {
-      const token = entry.currentToken();
-      if (!groups.has(token)) groups.set(token, []);
-      groups.get(token).push(entry.taskId);
-    }
-    const size = Math.max(1, config.maxTasksPerStream);
-    for (const [token, ids] of groups) {
-      for (let i = 0; i < ids.length; i += size) sseOpenStream(ids.slice(i, i + size), token);
-    }
-  }
-  updateConnection();
-}
-
-function sseUrl(ids, token) {
-  let target;
-  if (ids.length === 1) {
-    target = url(`v1/tasks/${encodeURIComponent(ids[0])}/events`);
-  } else {
-    target = url("v1/events");
-    for (const id of ids) target.searchParams.append("taskId", id);
-  }
-  if (token !== undefined) target.searchParams.set("token", token);
-  // A new EventSource sends no Last-Event-ID: say where each task stands, so the relay
-  // sends patches for the tasks this page already holds instead of fresh snapshots.
-  const held = ids.map((id) => [id, sse.tasks.get(id)?.seq]).filter(([, seq]) => seq !== undefined);
-  if (held.length) {
-    const position = ids.length === 1 ? String(held[0][1]) : held.map(([id, seq]) => `${id}:${seq}`).join(",");
-    target.searchParams.set("lastEventId", position);
-  }
-  return target.href;
-}
-
-function sseOpenStream(ids, token) {
-  const single = ids.length === 1;
-  const es = new EventSource(sseUrl(ids, token), { withCredentials: config.sseWithCredentials });
-  const stream = {
-    es,
-    ids,
-    token,
-    live: new Set(ids),
-    stale: false,
-    state: sse.recovering ? "reconnecting" : "connecting",
-  };
-  sse.streams.add(stream);
-
-  const taskOf = (event) => {
-    let payload;
-    try {
-      payload = JSON.parse(event.data);
-    } catch {
-      return {}; // not JSON: matches no task
-    }
-    let taskId;
-    let data;
-    let seq;
-    if (single) {
-      taskId = ids[0];
-      data = payload;
-      seq = parseSeq(event.lastEventId);
-    } else {
-      taskId = payload?.taskId;
-      data = payload?.data;
-      // id is "A:12,B:40": every task's current seq
-      for (const part of (event.lastEventId || "").split(",")) {
-        const at = part.lastIndexOf(":");
-        if (at > 0 && part.slice(0, at) === taskId) seq = parseSeq(part.slice(at + 1));
-      }
-    }
-    return { taskId, data, seq };
-  };
-  const entryFor = (taskId) => (stream.live.has(taskId) ? sse.tasks.get(taskId) : undefined);
-
-  es.onopen = () => {
-    if (!sse.streams.has(stream)) return;
-    stream.state = "open";
-    sse.recovering = false;
-    sse.attempts = 0;
-    updateConnection();
-  };
-  es.addEventListener("snapshot", (event) => {
-    const { taskId, data, seq } = taskOf(event);
-    entryFor(taskId)?.snapshot(data, seq);
-  });
-  es.addEventListener("patch", (event) => {
-    const { taskId, data, seq } = taskOf(event);
-    const entry = entryFor(taskId);
+  remove(taskId) {
+    const entry = this.tasks.get(taskId);
     if (!entry) return;
-    if (entry.state === undefined) {
-      stream.stale = true; // cannot patch nothing: re-open for a snapshot
-      sseScheduleReconcile();
+    this.tasks.delete(taskId);
+    clearTimeout(entry.retryTimer);
+    this.send({ type: "unsubscribe", taskId });
+    this.maybeIdle();
+  }
+
+  retryNow() {
+    if (!this.retryTimer) return;
+    clearTimeout(this.retryTimer);
+    this.connect();
+  }
+
+  close() {
+    for (const entry of this.tasks.values()) clearTimeout(entry.retryTimer);
+    this.tasks.clear();
+    clearTimeout(this.retryTimer);
+    clearTimeout(this.idleTimer);
+    this.retryTimer = this.idleTimer = null;
+    const socket = this.socket;
+    this.socket = null;
+    this.status = IDLE;
+    if (socket) socket.close(1000, "client closed");
+  }
+
+  send(message) {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) {
+      this.socket.send(JSON.stringify(message));
+      return true;
+    }
+    return false;
+  }
+
+  subscribeMessage(entry) {
+    const message = { type: "subscribe", taskId: entry.taskId };
+    if (entry.seq !== undefined) message.lastSeq = entry.seq;
+    const token = entry.currentToken();
+    if (token !== undefined) message.token = token;
+    return message;
+  }
+
+  connect() {
+    this.retryTimer = null;
+    if (this.socket || this.tasks.size === 0) return;
+    let socket;
+    try {
+      socket = new WebSocket(webSocketUrl(this.client.baseUrl));
+    } catch (error) {
+      report(error);
+      this.scheduleReconnect();
       return;
     }
-    entry.patch(data, seq);
-  });
-  es.addEventListener("end", (event) => {
-    const { taskId, data } = taskOf(event);
-    const entry = entryFor(taskId);
-    if (!entry) return;
-    sseFinish(stream, entry);
-    entry.end(data?.status);
-  });
-  es.addEventListener("error", (event) => {
-    if (!sse.streams.has(stream)) return;
-    if (typeof event.data === "string") {
-      // an "error" event sent by the relay
-      const { taskId, data } = taskOf(event);
-      const err = data ?? {};
-      const targets = taskId !== undefined ? [entryFor(taskId)] : [...stream.live].map(entryFor);
-      for (const entry of targets) {
-        if (!entry) continue;
-        if (err.retrying !== true) sseFinish(stream, entry);
-        entry.error(err);
+    this.socket = socket;
+    this.status = this.recovering ? RECONNECTING : CONNECTING;
+    this.client.updateConnection();
+
+    socket.onopen = () => {
+      if (this.socket !== socket) return;
+      this.recovering = false;
+      this.status = OPEN;
+      for (const entry of this.tasks.values()) this.send(this.subscribeMessage(entry));
+      this.client.updateConnection();
+    };
+    socket.onmessage = (event) => {
+      if (this.socket !== socket) return;
+      this.attempts = 0; // the relay talks to us: the next outage starts over
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        return;
       }
-      return;
-    }
-    // the connection failed
-    if (es.readyState === EventSource.CLOSED) sseStreamClosed(stream);
-    else stream.state = "reconnecting"; // the browser retries by itself
-    updateConnection();
-  });
-  return stream;
-}
-
-/** The task is over on this stream: forget it, close the stream if it was the last. */
-function sseFinish(stream, entry) {
-  stream.live.delete(entry.taskId);
-  if (sse.tasks.get(entry.taskId) === entry) sse.tasks.delete(entry.taskId);
-  if (stream.live.size === 0) sseCloseStream(stream);
-  updateConnection();
-}
-
-function sseCloseStream(stream) {
-  stream.es.close();
-  sse.streams.delete(stream);
-}
-
-/**
- * The browser gave up on a stream: the relay answered something other than an
- * event stream (the 204 for tasks that already ended, a 4xx, a 503), or the
- * browser deems the failure final. EventSource does not say which, so ask the
- * same URL once and act on the status: tasks whose last state is terminal are
- * over, a 4xx is a final error, anything else is retried after a backoff.
- */
-function sseStreamClosed(stream) {
-  sseCloseStream(stream);
-  for (const taskId of [...stream.live]) {
-    const entry = sse.tasks.get(taskId);
-    if (entry && entry.isTerminal()) {
-      sseFinish(stream, entry);
-      entry.end(entry.state.status);
-    }
-  }
-  if (stream.live.size === 0) return;
-  sse.recovering = true;
-  clearTimeout(sse.retryTimer);
-  sse.retryTimer = null;
-  sse.probing = true;
-  const ids = [...stream.live];
-  sseProbe(sseUrl(ids, stream.token)).then(({ status, body, retryAfter }) => {
-    sse.probing = false;
-    const entries = ids.map((id) => sse.tasks.get(id)).filter(Boolean);
-    const code = typeof body?.code === "string" ? body.code : undefined;
-    if (status === 400 && code === "too_many_tasks" && ids.length > 1) {
-      // the relay's cap is lower than ours: use smaller streams
-      config.maxTasksPerStream = Math.max(1, Math.floor(ids.length / 2));
-      sseReconcile();
-      return;
-    }
-    if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
-      const err = {
-        code: code ?? (status === 401 || status === 403 ? "unauthorized" : "bad_request"),
-        message: typeof body?.message === "string" ? body.message : `the relay answered HTTP ${status}`,
-        retrying: false,
-      };
-      for (const entry of entries) {
-        sse.tasks.delete(entry.taskId);
-        entry.error(err);
+      this.handle(message);
+    };
+    socket.onclose = () => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      if (this.tasks.size === 0) {
+        this.status = IDLE;
+        this.client.updateConnection();
+        return;
       }
-      sseReconcile();
+      this.scheduleReconnect();
+    };
+    socket.onerror = () => {}; // a close event follows
+  }
+
+  scheduleReconnect() {
+    this.status = DOWN;
+    this.recovering = true;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => this.connect(), this.client.backoff(this.attempts++));
+    this.client.updateConnection();
+  }
+
+  handle(message) {
+    if (!message || typeof message !== "object") return;
+    const entry = message.taskId !== undefined ? this.tasks.get(message.taskId) : undefined;
+    if (!entry) {
+      if (message.type === "error") console.warn("relay-client: relay error", message.data);
       return;
     }
-    if (status === 429 || status === 503) {
-      const err = { code: code ?? "overloaded", message: body?.message ?? `HTTP ${status}`, retrying: true };
-      for (const entry of entries) entry.error(err);
-    }
-    if (sse.tasks.size === 0) {
-      updateConnection();
-      return;
-    }
-    const delay = Math.max(backoffDelay(sse.attempts++), retryAfter * 1000);
-    clearTimeout(sse.retryTimer);
-    sse.retryTimer = setTimeout(() => {
-      sse.retryTimer = null;
-      sseReconcile();
-    }, Math.min(delay, config.backoffMaxMs * 4));
-    updateConnection();
-  });
-}
-
-/** GET a stream URL just for its status (and error body); 0 when unreachable. */
-async function sseProbe(target) {
-  const controller = new AbortController();
-  const timer = setTimeout(() => controller.abort(), 10000);
-  try {
-    const response = await fetch(target, {
-      signal: controller.signal,
-      headers: { accept: "text/event-stream" },
-      cache: "no-store",
-      credentials: config.sseWithCredentials ? "include" : "same-origin",
-    });
-    const retryAfter = Number(response.headers.get("retry-after")) || 0;
-    let body = null;
-    if (response.status >= 400) body = await response.json().catch(() => null);
-    return { status: response.status, body, retryAfter };
-  } catch {
-    return { status: 0, body: null, retryAfter: 0 };
-  } finally {
-    clearTimeout(timer);
-    controller.abort(); // a 200 is a live stream: drop it, EventSource re-opens
-  }
-}
-
-function sseAdd(entry) {
-  sse.tasks.set(entry.taskId, entry);
-  sseScheduleReconcile();
-}
-
-function sseRemove(taskId) {
-  if (!sse.tasks.delete(taskId)) return;
-  for (const stream of sse.streams) {
-    if (!stream.live.delete(taskId)) continue;
-    if (stream.live.size === 0) sseCloseStream(stream);
-    else stream.stale = true; // lets the relay drop the task's poll loop
-  }
-  if (sse.tasks.size === 0) {
-    clearTimeout(sse.retryTimer);
-    sse.retryTimer = null;
-    sse.attempts = 0;
-    sse.recovering = false;
-  }
-  sseScheduleReconcile();
-}
-
-// ---------------------------------------------------------------------------
-
-if (typeof globalThis.addEventListener === "function") {
-  // Back online: retry now instead of waiting out the backoff.
-  globalThis.addEventListener("online", () => {
-    if (ws.retryTimer) {
-      clearTimeout(ws.retryTimer);
-      wsConnect();
-    }
-    if (sse.retryTimer) {
-      clearTimeout(sse.retryTimer);
-      sse.retryTimer = null;
-      sseReconcile();
-    }
-  });
-}
-
-/**
- * Subscribe to a task's progress.
- *
- * Subscribing twice to the same task on the same transport shares one
- * subscription; a late subscriber gets the current state at once.
- *
- * @param {string} taskId 1 to 128 of `[A-Za-z0-9_-]`; anything else calls
- *   `onError` with code "invalid_task_id" and subscribes to nothing.
- * @param {object} [options]
- * @param {"sse"|"ws"} [options.transport="sse"] Server-Sent Events or the shared WebSocket.
- * @param {string | (() => string)} [options.token] Access token, when the relay requires
- *   them (`RELAY_TOKEN_SECRET`); a function is called again at every (re)subscription, so
- *   it can hand out a fresh one. SSE tasks with the same token share a stream: mint one
- *   token for all the tasks a page shows.
- * @param {(state: object, info: {taskId: string, seq?: number, kind: "snapshot"|"patch", patch?: object}) => void} [options.onState]
- *   Called with the whole current state after every snapshot and patch. Treat
- *   it as read-only: unchanged parts are shared between calls.
- * @param {(info: {taskId: string, status: string, state: object}) => void} [options.onEnd]
- *   Called once when the task reached a terminal status; the subscription is over.
- * @param {(error: {taskId: string, code: string, message: string, retrying: boolean}) => void} [options.onError]
- *   Called on relay errors. With `retrying: true` (e.g. "upstream_unavailable")
- *   the subscription goes on; otherwise (e.g. "task_not_found") it is over and
- *   `onEnd` is not called.
- * @returns {() => void} unsubscribe (safe to call more than once, or after the end)
- */
-export function subscribe(taskId, options = {}) {
-  const { transport = "sse", token, onState, onEnd, onError } = options;
-  if (transport !== "sse" && transport !== "ws") {
-    throw new TypeError(`relay-client: transport must be "sse" or "ws", not ${JSON.stringify(transport)}`);
-  }
-  const handler = { onState, onEnd, onError };
-  if (!isValidTaskId(taskId)) {
-    queueMicrotask(() =>
-      call(onError, {
-        taskId,
-        code: "invalid_task_id",
-        message: "A task ID is 1 to 128 characters of A-Z, a-z, 0-9, _ and -.",
-        retrying: false,
-      }),
-    );
-    return () => {};
-  }
-  const registry = transport === "ws" ? ws.tasks : sse.tasks;
-  let entry = registry.get(taskId);
-  if (entry) {
-    entry.handlers.add(handler);
-    if (entry.token === undefined) entry.token = token;
-    if (entry.state !== undefined) {
-      queueMicrotask(() => {
-        if (entry.handlers.has(handler) && entry.state !== undefined) {
-          call(onState, entry.state, { taskId, seq: entry.seq, kind: "snapshot", patch: undefined });
+    const seq = parseSeq(message.seq);
+    switch (message.type) {
+      case "snapshot":
+        entry.snapshot(message.data, seq);
+        break;
+      case "patch":
+        if (entry.state === undefined) {
+          // Nothing to patch: ask for a fresh snapshot.
+          entry.seq = undefined;
+          this.send({ type: "unsubscribe", taskId: entry.taskId });
+          this.send(this.subscribeMessage(entry));
+        } else {
+          entry.patch(message.data, seq);
         }
-      });
+        break;
+      case "end":
+        this.forget(entry);
+        entry.end(message.data?.status);
+        this.maybeIdle();
+        break;
+      case "error": {
+        const err = message.data ?? {};
+        if (err.retrying === true) {
+          // "overloaded" refused the subscription: ask again later. Other retrying
+          // errors (upstream_unavailable) are retried by the relay itself.
+          if (err.code === "overloaded") this.resubscribeLater(entry);
+          entry.error(err);
+        } else {
+          this.forget(entry);
+          entry.error(err);
+          this.maybeIdle();
+        }
+        break;
+      }
+      default:
+        break;
     }
-  } else {
-    entry = new TaskEntry(taskId, transport, token);
-    entry.handlers.add(handler);
-    if (transport === "ws") wsAdd(entry);
-    else sseAdd(entry);
   }
-  updateConnection();
 
-  let active = true;
-  return function unsubscribe() {
-    if (!active) return;
-    active = false;
-    entry.handlers.delete(handler);
-    if (entry.handlers.size > 0 || registry.get(taskId) !== entry) return;
-    if (transport === "ws") wsRemove(taskId);
-    else sseRemove(taskId);
-    updateConnection();
-  };
+  forget(entry) {
+    this.tasks.delete(entry.taskId);
+    clearTimeout(entry.retryTimer);
+  }
+
+  resubscribeLater(entry) {
+    clearTimeout(entry.retryTimer);
+    entry.retryTimer = setTimeout(() => {
+      entry.retryTimer = null;
+      if (this.tasks.get(entry.taskId) === entry) this.send(this.subscribeMessage(entry));
+    }, this.client.backoff(entry.attempts++));
+  }
+
+  /** No task left: stop retrying, and close the socket unless a subscription comes soon. */
+  maybeIdle() {
+    if (this.tasks.size > 0) return;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.attempts = 0;
+    this.recovering = false;
+    clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => {
+      this.idleTimer = null;
+      if (this.tasks.size > 0) return;
+      const socket = this.socket;
+      this.socket = null;
+      this.status = IDLE;
+      if (socket) socket.close(1000, "no subscriptions");
+    }, this.client.options.wsIdleCloseMs);
+    if (!this.socket) this.status = IDLE;
+    this.client.updateConnection();
+  }
+}
+
+/** Server-Sent Events: one stream for one task, one multiplexed stream for many. */
+class SseTransport {
+  constructor(client) {
+    this.client = client;
+    this.tasks = new Map();
+    this.streams = new Set();
+    this.attempts = 0;
+    this.retryTimer = null; // waiting out a backoff
+    this.probing = false; // asking the relay why it refused a stream
+    this.reconcileQueued = false;
+    this.recovering = false; // a stream failed, not yet back
+    // Tasks per stream: the client's option until a relay with a lower cap says so.
+    this.streamCap = client.options.maxTasksPerStream;
+  }
+
+  get state() {
+    if (this.tasks.size === 0) return IDLE;
+    if (this.retryTimer || this.probing) return DOWN;
+    if (this.streams.size === 0) return CONNECTING;
+    return combineStates([...this.streams].map((s) => s.state));
+  }
+
+  add(entry) {
+    this.tasks.set(entry.taskId, entry);
+    this.scheduleReconcile();
+  }
+
+  remove(taskId) {
+    if (!this.tasks.delete(taskId)) return;
+    for (const stream of this.streams) {
+      if (!stream.live.delete(taskId)) continue;
+      if (stream.live.size === 0) this.closeStream(stream);
+      else stream.stale = true; // lets the relay drop the task's poll loop
+    }
+    if (this.tasks.size === 0) {
+      clearTimeout(this.retryTimer);
+      this.retryTimer = null;
+      this.attempts = 0;
+      this.recovering = false;
+    }
+    this.scheduleReconcile();
+  }
+
+  retryNow() {
+    if (!this.retryTimer) return;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.reconcile();
+  }
+
+  close() {
+    for (const stream of this.streams) this.closeStream(stream);
+    this.tasks.clear();
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+  }
+
+  scheduleReconcile() {
+    if (this.reconcileQueued) return;
+    this.reconcileQueued = true;
+    // A macrotask, so that a page subscribing to many tasks in one go opens one stream.
+    setTimeout(() => {
+      this.reconcileQueued = false;
+      this.reconcile();
+    }, 0);
+  }
+
+  /** Open, re-open or close streams so that every live task is on exactly one. */
+  reconcile() {
+    if (this.retryTimer || this.probing) return; // it reconciles when done
+    let covered = 0;
+    let rebuild = false;
+    for (const stream of this.streams) {
+      if (stream.live.size === 0) this.closeStream(stream);
+      else if (stream.stale) rebuild = true;
+      else covered += stream.live.size;
+    }
+    if (covered !== this.tasks.size) rebuild = true;
+    if (rebuild) {
+      for (const stream of this.streams) this.closeStream(stream);
+      // A stream carries one token: tasks are grouped by token, then chunked.
+      const groups = new Map();
+      for (const entry of this.tasks.values()) {
+        const token = entry.currentToken();
+        if (!groups.has(token)) groups.set(token, []);
+        groups.get(token).push(entry.taskId);
+      }
+      const size = Math.max(1, this.streamCap);
+      for (const [token, ids] of groups) {
+        for (let i = 0; i < ids.length; i += size) this.openStream(ids.slice(i, i + size), token);
+      }
+    }
+    this.client.updateConnection();
+  }
+
+  url(ids, token) {
+    const seqs = new Map(ids.map((id) => [id, this.tasks.get(id)?.seq]));
+    return streamUrl(this.client.baseUrl, ids, { token, seqs });
+  }
+
+  openStream(ids, token) {
+    const single = ids.length === 1;
+    const es = new EventSource(this.url(ids, token), {
+      withCredentials: this.client.options.sseWithCredentials,
+    });
+    const stream = {
+      es,
+      token,
+      live: new Set(ids),
+      stale: false,
+      state: this.recovering ? RECONNECTING : CONNECTING,
+    };
+    this.streams.add(stream);
+
+    const taskOf = (event) => {
+      let payload;
+      try {
+        payload = JSON.parse(event.data);
+      } catch {
+        return {}; // not JSON: matches no task
+      }
+      if (single) return { taskId: ids[0], data: payload, seq: parseSeq(event.lastEventId) };
+      const taskId = payload?.taskId;
+      return { taskId, data: payload?.data, seq: parseStreamId(event.lastEventId).get(taskId) };
+    };
+    const entryFor = (taskId) => (stream.live.has(taskId) ? this.tasks.get(taskId) : undefined);
+
+    es.onopen = () => {
+      if (!this.streams.has(stream)) return;
+      stream.state = OPEN;
+      this.recovering = false;
+      this.attempts = 0;
+      this.client.updateConnection();
+    };
+    es.addEventListener("snapshot", (event) => {
+      const { taskId, data, seq } = taskOf(event);
+      entryFor(taskId)?.snapshot(data, seq);
+    });
+    es.addEventListener("patch", (event) => {
+      const { taskId, data, seq } = taskOf(event);
+      const entry = entryFor(taskId);
+      if (!entry) return;
+      if (entry.state === undefined) {
+        stream.stale = true; // cannot patch nothing: re-open for a snapshot
+        this.scheduleReconcile();
+        return;
+      }
+      entry.patch(data, seq);
+    });
+    es.addEventListener("end", (event) => {
+      const { taskId, data } = taskOf(event);
+      const entry = entryFor(taskId);
+      if (!entry) return;
+      this.finish(stream, entry);
+      entry.end(data?.status);
+    });
+    es.addEventListener("error", (event) => {
+      if (!this.streams.has(stream)) return;
+      if (typeof event.data === "string") {
+        // an "error" event sent by the relay
+        const { taskId, data } = taskOf(event);
+        const err = data ?? {};
+        const targets = taskId !== undefined ? [entryFor(taskId)] : [...stream.live].map(entryFor);
+        for (const entry of targets) {
+          if (!entry) continue;
+          if (err.retrying !== true) this.finish(stream, entry);
+          entry.error(err);
+        }
+        return;
+      }
+      // the connection failed
+      if (es.readyState === EventSource.CLOSED) this.streamClosed(stream);
+      else stream.state = RECONNECTING; // the browser retries by itself
+      this.client.updateConnection();
+    });
+    return stream;
+  }
+
+  /** The task is over on this stream: forget it, close the stream if it was the last. */
+  finish(stream, entry) {
+    stream.live.delete(entry.taskId);
+    if (this.tasks.get(entry.taskId) === entry) this.tasks.delete(entry.taskId);
+    if (stream.live.size === 0) this.closeStream(stream);
+    this.client.updateConnection();
+  }
+
+  closeStream(stream) {
+    stream.es.close();
+    this.streams.delete(stream);
+  }
+
+  /**
+   * The browser gave up on a stream: the relay answered something other than an
+   * event stream (the 204 for tasks that already ended, a 4xx, a 503), or the
+   * browser deems the failure final. EventSource does not say which, so ask the
+   * same URL once and act on the status: tasks whose last state is terminal are
+   * over, a 4xx is a final error, anything else is retried after a backoff.
+   */
+  streamClosed(stream) {
+    this.closeStream(stream);
+    for (const taskId of [...stream.live]) {
+      const entry = this.tasks.get(taskId);
+      if (entry && entry.isTerminal()) {
+        this.finish(stream, entry);
+        entry.end(entry.state.status);
+      }
+    }
+    if (stream.live.size === 0) return;
+    this.recovering = true;
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.probing = true;
+    const ids = [...stream.live];
+    this.probe(this.url(ids, stream.token)).then(({ status, body, retryAfter }) => {
+      this.probing = false;
+      const entries = ids.map((id) => this.tasks.get(id)).filter(Boolean);
+      const code = typeof body?.code === "string" ? body.code : undefined;
+      if (status === 400 && code === "too_many_tasks" && ids.length > 1) {
+        // The relay's cap is lower than ours: use smaller streams from now on.
+        this.streamCap = Math.max(1, Math.floor(ids.length / 2));
+        this.reconcile();
+        return;
+      }
+      if (status >= 400 && status < 500 && status !== 408 && status !== 429) {
+        const err = {
+          code: code ?? (status === 401 || status === 403 ? "unauthorized" : "bad_request"),
+          message: typeof body?.message === "string" ? body.message : `the relay answered HTTP ${status}`,
+          retrying: false,
+        };
+        for (const entry of entries) {
+          this.tasks.delete(entry.taskId);
+          entry.error(err);
+        }
+        this.reconcile();
+        return;
+      }
+      if (status === 429 || status === 503) {
+        const err = { code: code ?? "overloaded", message: body?.message ?? `HTTP ${status}`, retrying: true };
+        for (const entry of entries) entry.error(err);
+      }
+      if (this.tasks.size === 0) {
+        this.client.updateConnection();
+        return;
+      }
+      const delay = Math.max(this.client.backoff(this.attempts++), retryAfter * 1000);
+      clearTimeout(this.retryTimer);
+      this.retryTimer = setTimeout(() => {
+        this.retryTimer = null;
+        this.reconcile();
+      }, Math.min(delay, this.client.options.backoffMaxMs * 4));
+      this.client.updateConnection();
+    });
+  }
+
+  /** GET a stream URL just for its status (and error body); 0 when unreachable. */
+  async probe(target) {
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), 10000);
+    try {
+      const response = await fetch(target, {
+        signal: controller.signal,
+        headers: { accept: "text/event-stream" },
+        cache: "no-store",
+        credentials: this.client.options.sseWithCredentials ? "include" : "same-origin",
+      });
+      const retryAfter = Number(response.headers.get("retry-after")) || 0;
+      let body = null;
+      if (response.status >= 400) body = await response.json().catch(() => null);
+      return { status: response.status, body, retryAfter };
+    } catch {
+      return { status: 0, body: null, retryAfter: 0 };
+    } finally {
+      clearTimeout(timer);
+      controller.abort(); // a 200 is a live stream: drop it, EventSource re-opens
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+
+/**
+ * A connection to one relay: its subscriptions over both transports, and the
+ * state of its connections. Make one per relay URL and share it.
+ */
+export class RelayClient {
+  /**
+   * @param {string} [baseUrl] the relay, e.g. "https://relay.example.com/" (default: the
+   *   folder above the `/static/` this module was served from)
+   * @param {Partial<typeof DEFAULT_OPTIONS>} [options] copied: later changes to the object
+   *   do nothing, and the client never writes to it
+   */
+  constructor(baseUrl = defaultBaseUrl(), options = {}) {
+    this.baseUrl = normalizeBaseUrl(baseUrl, globalThis.location?.href);
+    this.options = mergeOptions(options);
+    this.transports = { [Transport.SSE]: new SseTransport(this), [Transport.WS]: new WebSocketTransport(this) };
+    this.listeners = new Set();
+    this.last = { state: IDLE, sse: IDLE, ws: IDLE };
+    // Back online: retry now instead of waiting out the backoff.
+    this.onOnline = () => Object.values(this.transports).forEach((t) => t.retryNow());
+    globalThis.addEventListener?.("online", this.onOnline);
+  }
+
+  /**
+   * Subscribe to a task's progress.
+   *
+   * Subscribing twice to the same task on the same transport shares one
+   * subscription; a late subscriber gets the current state at once.
+   *
+   * @param {string} taskId 1 to 128 of `[A-Za-z0-9_-]`; anything else calls
+   *   `onError` with code "invalid_task_id" and subscribes to nothing.
+   * @param {object} [options]
+   * @param {"sse"|"ws"} [options.transport="sse"] Server-Sent Events or the client's WebSocket.
+   * @param {string | (() => string)} [options.token] Access token, when the relay requires
+   *   them (`RELAY_TOKEN_SECRET`); a function is called again at every (re)subscription, so
+   *   it can hand out a fresh one. SSE tasks with the same token share a stream: mint one
+   *   token for all the tasks a page shows.
+   * @param {(state: object, info: {taskId: string, seq?: number, kind: "snapshot"|"patch", patch?: object}) => void} [options.onState]
+   *   Called with the whole current state after every snapshot and patch. Treat
+   *   it as read-only: unchanged parts are shared between calls.
+   * @param {(info: {taskId: string, status: string, state: object}) => void} [options.onEnd]
+   *   Called once when the task reached a terminal status; the subscription is over.
+   * @param {(error: {taskId: string, code: string, message: string, retrying: boolean}) => void} [options.onError]
+   *   Called on relay errors. With `retrying: true` (e.g. "upstream_unavailable")
+   *   the subscription goes on; otherwise (e.g. "task_not_found") it is over and
+   *   `onEnd` is not called.
+   * @returns {() => void} unsubscribe (safe to call more than once, or after the end)
+   */
+  subscribe(taskId, options = {}) {
+    const { transport = Transport.SSE, token, onState, onEnd, onError } = options;
+    if (!Object.values(Transport).includes(transport)) {
+      throw new TypeError(`relay-client: transport must be "sse" or "ws", not ${JSON.stringify(transport)}`);
+    }
+    const carrier = this.transports[transport];
+    const handler = { onState, onEnd, onError };
+    if (!isValidTaskId(taskId)) {
+      queueMicrotask(() =>
+        call(onError, {
+          taskId,
+          code: "invalid_task_id",
+          message: "A task ID is 1 to 128 characters of A-Z, a-z, 0-9, _ and -.",
+          retrying: false,
+        }),
+      );
+      return () => {};
+    }
+    let entry = carrier.tasks.get(taskId);
+    if (entry) {
+      entry.handlers.add(handler);
+      if (entry.token === undefined) entry.token = token;
+      if (entry.state !== undefined) {
+        queueMicrotask(() => {
+          if (entry.handlers.has(handler) && entry.state !== undefined) {
+            call(onState, entry.state, { taskId, seq: entry.seq, kind: "snapshot", patch: undefined });
+          }
+        });
+      }
+    } else {
+      entry = new TaskEntry(taskId, token);
+      entry.handlers.add(handler);
+      carrier.add(entry);
+    }
+    this.updateConnection();
+
+    let active = true;
+    return () => {
+      if (!active) return;
+      active = false;
+      entry.handlers.delete(handler);
+      if (entry.handlers.size > 0 || carrier.tasks.get(taskId) !== entry) return;
+      carrier.remove(taskId);
+      this.updateConnection();
+    };
+  }
+
+  /**
+   * Listen to the client's connection to the relay. `fn(state, detail)` is called
+   * at once with the current state and again on every change. `state` is a
+   * `ConnectionState`; `detail` has one for each transport: `{sse, ws}`. A
+   * transport with no subscription is IDLE, whatever it keeps open.
+   *
+   * @param {(state: string, detail: {sse: string, ws: string}) => void} fn
+   * @returns {() => void} removes the listener
+   */
+  onConnection(fn) {
+    this.listeners.add(fn);
+    call(fn, this.last.state, { sse: this.last.sse, ws: this.last.ws });
+    return () => this.listeners.delete(fn);
+  }
+
+  /**
+   * The current connection state, as passed to `onConnection` listeners.
+   *
+   * @returns {{state: string, sse: string, ws: string}}
+   */
+  connectionState() {
+    return { ...this.last };
+  }
+
+  /** Whether any task is subscribed. */
+  get busy() {
+    return Object.values(this.transports).some((t) => t.tasks.size > 0);
+  }
+
+  /** End every subscription without calling back, and close the connections. */
+  close() {
+    Object.values(this.transports).forEach((t) => t.close());
+    globalThis.removeEventListener?.("online", this.onOnline);
+    this.updateConnection();
+  }
+
+  /** @internal the delay before retry number `attempt`, from this client's options */
+  backoff(attempt) {
+    return backoffDelay(attempt, this.options);
+  }
+
+  /** @internal tell listeners when the combined state or a transport's state changed */
+  updateConnection() {
+    const sse = this.transports.sse.state;
+    const ws = this.transports.ws.state;
+    const state = combineStates([sse, ws]);
+    if (state === this.last.state && sse === this.last.sse && ws === this.last.ws) return;
+    this.last = { state, sse, ws };
+    for (const fn of [...this.listeners]) call(fn, state, { sse, ws });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The default client, for pages that need nothing more than subscribe().
+
+let defaultClient = null;
+let defaultSettings = {};
+
+function defaultRelay() {
+  defaultClient ??= new RelayClient(defaultSettings.baseUrl, withoutBaseUrl(defaultSettings));
+  return defaultClient;
+}
+
+function withoutBaseUrl({ baseUrl, ...options }) {
+  return options;
+}
+
+/**
+ * Settings of the default client used by `subscribe()`, `onConnection()` and
+ * `connectionState()`: `baseUrl` and any of `DEFAULT_OPTIONS`. Call it before
+ * the first `subscribe()`; for a second relay, make a `new RelayClient()`.
+ *
+ * @param {{baseUrl?: string} & Partial<typeof DEFAULT_OPTIONS>} [options]
+ */
+export function configure(options = {}) {
+  const settings = { ...defaultSettings, ...options };
+  mergeOptions(withoutBaseUrl(settings)); // refuse bad options now, not at first use
+  if (defaultClient?.busy) {
+    throw new Error("relay-client: configure() comes before the first subscribe()");
+  }
+  defaultSettings = settings;
+  if (!defaultClient) return;
+  // Listeners already registered (a connection indicator) carry over to the new client.
+  const listeners = defaultClient.listeners;
+  defaultClient.close();
+  defaultClient = null;
+  defaultRelay().listeners = listeners;
+}
+
+/** `subscribe()` of the default client: see `RelayClient#subscribe`. */
+export function subscribe(taskId, options) {
+  return defaultRelay().subscribe(taskId, options);
+}
+
+/** `onConnection()` of the default client: see `RelayClient#onConnection`. */
+export function onConnection(fn) {
+  return defaultRelay().onConnection(fn);
+}
+
+/** `connectionState()` of the default client. */
+export function connectionState() {
+  return defaultRelay().connectionState();
 }
