@@ -2,7 +2,8 @@
 //
 // URL parameters (handy for demos and tests):
 //   transport=sse|ws   transport for new tasks
-//   duration=S queue=S fail=true|false   simulation options
+//   duration=S queue=S fail=false|some|true   simulation options (the outcome:
+//                      all succeed, the default; some fail at random; all fail)
 //   watch=ID[,ID...]   watch these task IDs on load
 //   start=N            start N simulated tasks on load
 //   token=JWT          access token for every subscription (relays with RELAY_TOKEN_SECRET)
@@ -10,7 +11,7 @@
 // For tests: window.relayStates[taskId] holds the client's current state,
 // window.relayConnectionLog the connection states seen, in order.
 
-import { subscribe, onConnection, isValidTaskId } from "./relay-client.js";
+import { ConnectionState, RelayClient, isValidTaskId } from "./relay-client.js";
 
 const $ = (selector, root = document) => root.querySelector(selector);
 
@@ -42,22 +43,59 @@ const STATUS_TEXT = {
   failed: "Failed",
   error: "Error",
 };
+// What a card says about an error that ends its subscription: a badge, a headline and a
+// sentence for a person. The relay's own code and message go into the tooltip.
+const ERROR_TEXT = {
+  task_not_found: {
+    badge: "Not found",
+    headline: "Unknown task",
+    sentence: "The upstream has no task with this ID. Check the ID, or start a new task.",
+  },
+  unauthorized: {
+    badge: "Refused",
+    headline: "Not authorized",
+    sentence: "The relay refused to show this task: the page's access token does not cover it, "
+      + "or the upstream refused the relay's keys.",
+  },
+  invalid_task_id: {
+    badge: "Error",
+    headline: "Not a task ID",
+    sentence: "A task ID is 1 to 128 letters, digits, _ or -.",
+  },
+  internal_error: {
+    badge: "Error",
+    headline: "Relay error",
+    sentence: "The relay failed while watching this task. Its log says more.",
+  },
+};
+const OTHER_ERROR = {
+  badge: "Error",
+  headline: "Cannot watch this task",
+  sentence: "The relay could not deliver this task's progress.",
+};
+// Errors the client and the relay recover from by themselves.
+const RETRY_TEXT = {
+  upstream_unavailable: "The upstream is not answering; retrying…",
+  overloaded: "The relay is busy; retrying shortly…",
+};
+// The summary lists the badges in this order.
+const BADGE_ORDER = ["Connecting", "Waiting", "Running", "Succeeded", "Failed", "Not found", "Refused", "Error"];
 const CONNECTION_TEXT = {
-  idle: "Idle",
-  connecting: "Connecting…",
-  open: "Live",
-  reconnecting: "Reconnecting…",
-  down: "Connection lost",
+  [ConnectionState.IDLE]: "Idle",
+  [ConnectionState.CONNECTING]: "Connecting…",
+  [ConnectionState.OPEN]: "Live",
+  [ConnectionState.RECONNECTING]: "Reconnecting…",
+  [ConnectionState.DOWN]: "Connection lost",
 };
 const PART_TEXT = {
-  idle: "idle",
-  connecting: "connecting",
-  open: "live",
-  reconnecting: "reconnecting",
-  down: "down",
+  [ConnectionState.CONNECTING]: "connecting",
+  [ConnectionState.OPEN]: "live",
+  [ConnectionState.RECONNECTING]: "reconnecting",
+  [ConnectionState.DOWN]: "down",
 };
 const WATCH_HINT = els.watchHint.innerHTML;
 const TOKEN = new URLSearchParams(location.search).get("token") || undefined;
+const relay = new RelayClient(); // the relay that served this page
 
 /** taskId -> card record */
 const cards = new Map();
@@ -67,13 +105,13 @@ window.relayConnectionLog = [];
 // ---------------------------------------------------------------------------
 // Connection indicator
 
-onConnection((state, detail) => {
+relay.onConnection((state, detail) => {
   window.relayConnectionLog.push(state);
   els.connection.dataset.state = state;
   els.connLabel.textContent = CONNECTION_TEXT[state] ?? state;
   const parts = [];
-  if (detail.sse !== "idle") parts.push(`SSE ${PART_TEXT[detail.sse] ?? detail.sse}`);
-  if (detail.ws !== "idle") parts.push(`WebSocket ${PART_TEXT[detail.ws] ?? detail.ws}`);
+  if (detail.sse !== ConnectionState.IDLE) parts.push(`SSE ${PART_TEXT[detail.sse] ?? detail.sse}`);
+  if (detail.ws !== ConnectionState.IDLE) parts.push(`WebSocket ${PART_TEXT[detail.ws] ?? detail.ws}`);
   els.connDetail.textContent = parts.length ? parts.join(" · ") : "No subscriptions";
 });
 
@@ -145,10 +183,10 @@ function show(el, text) {
   el.textContent = text || "";
 }
 
-function setStatus(card, status) {
+function setStatus(card, status, badge = STATUS_TEXT[status] ?? status) {
   card.status = status;
   card.el.dataset.status = status;
-  card.parts.statusText.textContent = STATUS_TEXT[status] ?? status;
+  card.parts.statusText.textContent = badge;
 }
 
 function renderState(card, state) {
@@ -185,6 +223,7 @@ function renderState(card, state) {
   show(parts.queue, queueText);
   show(parts.eta, etaText);
   parts.message.textContent = typeof state.message === "string" ? state.message : "";
+  parts.message.title = parts.message.textContent;
 
   const valueText = [waiting ? "Waiting" : `${percent}%`, queueText, stepText, running ? node : "", etaText]
     .filter(Boolean).join(", ");
@@ -224,10 +263,10 @@ function renderImages(card, result) {
   box.hidden = box.childElementCount === 0;
 }
 
-function finish(card, status) {
+function finish(card) {
   card.finished = true;
   card.el.dataset.finished = "true";
-  announce(`Task ${shortId(card.taskId)} ${STATUS_TEXT[status]?.toLowerCase() ?? status}.`);
+  announce(`Task ${shortId(card.taskId)}: ${card.parts.statusText.textContent.toLowerCase()}.`);
   updateSummary();
 }
 
@@ -244,9 +283,13 @@ function removeCard(taskId) {
   updateSummary();
 }
 
+/** "6 tasks · 1 waiting · 4 running · 1 not found": the cards' badges, counted. */
 function updateSummary() {
-  const counts = { waiting: 0, running: 0, succeeded: 0, failed: 0, error: 0, connecting: 0 };
-  for (const card of cards.values()) counts[card.status] = (counts[card.status] ?? 0) + 1;
+  const counts = new Map(BADGE_ORDER.map((badge) => [badge, 0]));
+  for (const card of cards.values()) {
+    const badge = card.parts.statusText.textContent;
+    counts.set(badge, (counts.get(badge) ?? 0) + 1);
+  }
   const total = cards.size;
   els.empty.hidden = total > 0;
   const finished = [...cards.values()].filter((c) => c.finished).length;
@@ -256,9 +299,7 @@ function updateSummary() {
     return;
   }
   const parts = [`${total} ${total === 1 ? "task" : "tasks"}`];
-  for (const key of ["waiting", "running", "succeeded", "failed", "error"]) {
-    if (counts[key]) parts.push(`${counts[key]} ${STATUS_TEXT[key].toLowerCase()}`);
-  }
+  for (const [badge, count] of counts) if (count) parts.push(`${count} ${badge.toLowerCase()}`);
   els.summary.textContent = parts.join(" · ");
 }
 
@@ -282,7 +323,7 @@ function watch(taskId, transport = currentTransport(), { focus = false } = {}) {
   const card = createCard(taskId, transport);
   cards.set(taskId, card);
   els.tasks.prepend(card.el);
-  card.unsubscribe = subscribe(taskId, {
+  card.unsubscribe = relay.subscribe(taskId, {
     transport,
     token: TOKEN,
     onState(state) {
@@ -293,22 +334,23 @@ function watch(taskId, transport = currentTransport(), { focus = false } = {}) {
     onEnd({ status, state }) {
       if (state) renderState(card, state);
       setStatus(card, status ?? card.status);
-      finish(card, status);
+      finish(card);
     },
     onError(err) {
+      const detail = [err.code, err.message].filter(Boolean).join(": ");
       if (err.retrying) {
-        show(card.parts.warning, `${err.message || err.code} — retrying…`);
+        show(card.parts.warning, RETRY_TEXT[err.code] ?? "Trouble reaching the task; retrying…");
+        card.parts.warning.title = detail;
         return;
       }
-      const notFound = err.code === "task_not_found";
-      setStatus(card, "error");
+      const { badge, headline, sentence } = ERROR_TEXT[err.code] ?? OTHER_ERROR;
+      setStatus(card, "error", badge);
       card.el.dataset.errorCode = err.code ?? "error";
-      const unauthorized = err.code === "unauthorized";
-      card.parts.statusText.textContent = notFound ? "Not found" : unauthorized ? "Refused" : "Error";
-      card.parts.node.textContent = notFound ? "Unknown task" : unauthorized ? "Not authorized" : (err.code ?? "Error");
-      card.parts.message.textContent = err.message ?? "";
-      card.parts.bar.setAttribute("aria-valuetext", notFound ? "Error: unknown task" : "Error");
-      finish(card, "error");
+      card.parts.node.textContent = headline;
+      card.parts.message.textContent = sentence;
+      card.parts.message.title = detail;
+      card.parts.bar.setAttribute("aria-valuetext", `Error: ${headline.toLowerCase()}`);
+      finish(card);
     },
   });
   updateSummary();
@@ -322,8 +364,9 @@ function simOptions() {
   const duration = parseFloat(els.simDuration.value);
   if (Number.isFinite(queue) && queue >= 0) body.queue = queue;
   if (Number.isFinite(duration) && duration > 0) body.duration = duration;
-  if (els.simFail.value === "true") body.fail = true;
-  if (els.simFail.value === "false") body.fail = false;
+  // Tasks succeed unless the user asked for failures: a first task that fails at
+  // random looks like a bug. "Some fail" leaves it to the simulator's fail rate.
+  if (els.simFail.value !== "some") body.fail = els.simFail.value === "true";
   return body;
 }
 
@@ -408,6 +451,7 @@ function applyUrlParameters() {
   const fail = params.get("fail");
   if (fail === "true" || fail === "1") els.simFail.value = "true";
   if (fail === "false" || fail === "0") els.simFail.value = "false";
+  if (fail === "some") els.simFail.value = "some";
   for (const id of params.getAll("watch").flatMap((v) => v.split(","))) watch(id.trim());
   const start = Number(params.get("start"));
   if (Number.isInteger(start) && start > 0) startTasks(Math.min(start, 32));

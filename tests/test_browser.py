@@ -258,6 +258,35 @@ def record_resume_positions(page: Page) -> list[str | None]:
     return positions
 
 
+def start_button(page: Page, count: int) -> Any:
+    return page.get_by_role("button", name=f"Start {count}", exact=True)
+
+
+async def summary_and_badges(page: Page) -> tuple[str, list[str]]:
+    """The summary line and every card's badge, read at one instant."""
+    summary, badges = await page.evaluate(
+        """() => [
+            document.getElementById("summary").textContent,
+            [...document.querySelectorAll("li.card .status-text")].map((b) => b.textContent),
+        ]"""
+    )
+    return summary, badges
+
+
+async def assert_summary_counts_badges(page: Page) -> None:
+    summary, badges = await summary_and_badges(page)
+    total, *parts = summary.split(" · ")
+    assert total == f"{len(badges)} {'task' if len(badges) == 1 else 'tasks'}", summary
+    counted = {label: int(n) for n, label in (part.split(" ", 1) for part in parts)}
+    expected = {b.lower(): badges.count(b) for b in set(badges)}
+    assert counted == expected, (summary, badges)
+
+
+def assert_sentence(text: str) -> None:
+    """Error text for a person: a capitalised sentence, no raw error code."""
+    assert re.fullmatch(r"[A-Z][^_]*[.…]", text), text
+
+
 async def bar_value(page: Page, task_id: str) -> int:
     value = await card(page, task_id).get_by_role("progressbar").get_attribute("aria-valuenow")
     return int(value or 0)
@@ -274,7 +303,7 @@ async def test_started_task_progresses_to_success(
     _, base = await servers.relay()
     await open_demo(page, base, transport=transport, duration="3", queue="1", fail="false")
 
-    await page.get_by_role("button", name="Start 1 task").click()
+    await start_button(page, 1).click()
     cards = page.locator("li.card")
     await expect(cards).to_have_count(1)
     task_id = await cards.first.get_attribute("data-task-id")
@@ -386,7 +415,7 @@ async def test_twelve_sse_tasks_on_one_page(servers: Servers, page: Page) -> Non
     streams = record_event_sources(page)
     await open_demo(page, base, transport="sse", duration="3", queue="1", fail="false")
 
-    await page.get_by_role("button", name="Start 12").click()
+    await start_button(page, 12).click()
     cards = page.locator("li.card")
     await expect(cards).to_have_count(12)
     await expect(page.locator('li.card[data-status="succeeded"]')).to_have_count(12, timeout=45_000)
@@ -410,11 +439,11 @@ async def test_screenshot_mid_progress(servers: Servers, page: Page) -> None:
     failed = await start_sim_task(base, duration=1.5, queue=0, fail=True)
     running = [await start_sim_task(base, duration=d, queue=0, fail=False) for d in (12, 16, 20)]
     waiting = await start_sim_task(base, duration=10, queue=30, fail=False)
-    for task_id in (done, failed, *running, waiting):
+    for task_id in (done, failed, *running, waiting, "no-such-task-42"):
         await watch(page, task_id)
     await page.locator("label[for=transport-ws]").click()
     await expect(page.get_by_role("radio", name="WebSocket")).to_be_checked()
-    await page.get_by_role("button", name="Start 1 task").click()
+    await start_button(page, 1).click()
 
     await expect(card(page, done)).to_have_attribute("data-status", "succeeded")
     await expect(card(page, failed)).to_have_attribute("data-status", "failed")
@@ -425,10 +454,29 @@ async def test_screenshot_mid_progress(servers: Servers, page: Page) -> None:
     )
     await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
 
+    await expect(card(page, "no-such-task-42").locator(".status-text")).to_have_text("Not found")
+    await expect(card(page, waiting).locator(".queue")).to_have_text(re.compile(r"^Queue position"))
+
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / "demo-mid-progress.png"
     await page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
+    await assert_summary_counts_badges(page)
+
+    # A long node name wraps onto more lines instead of being cut.
+    wrapped = await page.evaluate(
+        """(id) => {
+            const node = document.querySelector(`li.card[data-task-id="${id}"] .node`);
+            const label = node.querySelector(".node-label");
+            const lineHeight = node.getBoundingClientRect().height;
+            label.textContent = "Failed in UltimateSDUpscaleWithControlNetTiledRefiner (custom)";
+            return { fits: node.scrollWidth <= node.clientWidth,
+                     lines: node.getBoundingClientRect().height / lineHeight };
+        }""",
+        running[0],
+    )
+    assert wrapped["fits"], wrapped
+    assert wrapped["lines"] >= 2, wrapped
 
 
 @pytest.mark.timeout(60)
@@ -449,6 +497,9 @@ async def test_unknown_and_invalid_task_ids(servers: Servers, page: Page, transp
     await expect(task).to_have_attribute("data-status", "error")
     await expect(task).to_have_attribute("data-error-code", "task_not_found")
     await expect(task.locator(".status-text")).to_have_text("Not found")
+    assert_sentence(await task.locator(".message").inner_text())
+    await expect(task.locator(".node")).to_have_text("Unknown task")
+    await expect(page.locator("#summary")).to_have_text("1 task · 1 not found")
     await expect(page.locator("#connection")).to_have_attribute(
         "data-state", "idle", timeout=10_000
     )
@@ -486,9 +537,9 @@ async def test_sse_tasks_coming_and_going(servers: Servers, page: Page) -> None:
     _, base = await servers.relay()
     streams = record_event_sources(page)
     await open_demo(page, base, transport="sse", duration="4", queue="0", fail="false")
-    await page.get_by_role("button", name="Start 1 task").click()
+    await start_button(page, 1).click()
     await expect(page.locator('li.card[data-status="running"]')).to_have_count(1)
-    await page.get_by_role("button", name="Start 5").click()
+    await start_button(page, 5).click()
     await expect(page.locator('li.card[data-status="running"]')).to_have_count(6)
 
     ids = [await c.get_attribute("data-task-id") for c in await page.locator("li.card").all()]
@@ -574,6 +625,8 @@ async def test_access_tokens(servers: Servers, page: Page, transport: str) -> No
     await watch(page, other)
     await expect(card(page, other)).to_have_attribute("data-status", "error")
     await expect(card(page, other)).to_have_attribute("data-error-code", "unauthorized")
+    await expect(card(page, other).locator(".status-text")).to_have_text("Refused")
+    assert_sentence(await card(page, other).locator(".message").inner_text())
     await expect(page.locator("#connection")).to_have_attribute(
         "data-state", "idle", timeout=10_000
     )
@@ -588,7 +641,152 @@ async def test_relay_with_a_lower_stream_cap(servers: Servers, page: Page) -> No
     _, base = await servers.relay(None, "--max-stream-tasks", "4")
     streams = record_event_sources(page)
     await open_demo(page, base, transport="sse", duration="2", queue="0", fail="false")
-    await page.get_by_role("button", name="Start 5").click()
+    await start_button(page, 5).click()
     await expect(page.locator('li.card[data-status="succeeded"]')).to_have_count(5)
     assert streams[0].count("taskId=") == 5, streams  # refused with 400 too_many_tasks
     assert all(url.count("taskId=") <= 4 for url in streams[1:]), streams
+
+
+@pytest.mark.timeout(60)
+async def test_tasks_succeed_unless_failures_are_asked_for(servers: Servers, page: Page) -> None:
+    """A fresh page's tasks succeed; the visible Outcome control asks for failures."""
+    _, base = await servers.relay()
+    bodies: list[Any] = []
+    page.on(
+        "request",
+        lambda request: (
+            bodies.append(request.post_data_json) if request.url.endswith("/sim/tasks") else None
+        ),
+    )
+    await open_demo(page, base, duration="2")
+    outcome = page.get_by_label("Outcome")
+    await expect(outcome).to_be_visible()  # not tucked away in "Simulation options"
+    await expect(outcome).to_have_value("false")
+    for count in (1, 5, 12):
+        await expect(start_button(page, count)).to_have_text(f"Start {count}")
+
+    await start_button(page, 5).click()
+    await expect(page.locator("li.card")).to_have_count(5)
+    assert bodies == [{"duration": 2, "fail": False}] * 5, bodies
+
+    await outcome.select_option(label="Some fail, at random")
+    await start_button(page, 1).click()
+    await expect(page.locator("li.card")).to_have_count(6)
+    assert bodies[-1] == {"duration": 2}, bodies  # the simulator's fail rate decides
+
+    await outcome.select_option(label="All fail")
+    await start_button(page, 1).click()
+    await expect(page.locator("li.card")).to_have_count(7)
+    assert bodies[-1] == {"duration": 2, "fail": True}, bodies
+
+    cards = page.locator("li.card")
+    await expect(cards.first).to_have_attribute("data-status", "failed")
+    for first_five in (await cards.all())[2:]:
+        await expect(first_five).to_have_attribute("data-status", "succeeded")
+
+
+@pytest.mark.timeout(90)
+async def test_queue_positions_count_down(servers: Servers, page: Page) -> None:
+    """Tasks started together queue one behind the other, and each one's place counts down."""
+    _, base = await servers.relay()
+    await open_demo(page, base, transport="sse", duration="2")
+    await start_button(page, 5).click()
+    cards = page.locator("li.card")
+    await expect(cards).to_have_count(5)
+    ids = [await c.get_attribute("data-task-id") for c in await cards.all()]
+
+    # Each task's places as the page saw them, until all of them run.
+    seen: dict[str, list[int]] = {task_id: [] for task_id in ids if task_id}
+    shot = False
+    async with asyncio.timeout(30):
+        while True:
+            now = await page.evaluate(
+                """(ids) => ids.map((id) => [
+                    window.relayStates[id] ?? {},
+                    document.querySelector(`li.card[data-task-id="${id}"] .queue`).textContent,
+                ])""",
+                list(seen),
+            )
+            for (state, text), places in zip(now, seen.values(), strict=True):
+                if state.get("status") == "waiting":
+                    place = state["lastQueueRemaining"]
+                    assert text == f"Queue position {place}"
+                    if not places or places[-1] != place:
+                        places.append(place)
+            if not shot and all(seen.values()):
+                ARTIFACTS.mkdir(exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / "demo-queue.png"), full_page=True)
+                shot = True
+            if all(state.get("status") not in (None, "waiting") for state, _ in now):
+                break
+            await asyncio.sleep(0.1)
+
+    firsts = sorted(places[0] for places in seen.values() if places)
+    assert len(set(firsts)) == len(firsts) >= 4, seen  # not all "Queue position 3"
+    assert max(firsts) >= 4, seen
+    for places in seen.values():
+        assert places == sorted(places, reverse=True), seen  # never goes up
+    assert any(len(places) >= 2 for places in seen.values()), seen  # and goes down
+    await expect(page.locator('li.card[data-status="succeeded"]')).to_have_count(5)
+    await assert_summary_counts_badges(page)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_indicator_goes_idle_when_nothing_is_watched(
+    servers: Servers, page: Page, transport: str
+) -> None:
+    """Over either transport, the indicator is idle as soon as the last card goes."""
+    _, base = await servers.relay()
+    await open_demo(page, base, transport=transport)
+    task_id = await start_sim_task(base, duration=30, queue=0, fail=False)
+    await watch(page, task_id)
+    await expect(card(page, task_id)).to_have_attribute("data-status", "running")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "open")
+
+    # Read in the same turn as the click: no timer may be needed to get there.
+    after = await page.evaluate(
+        """() => {
+            document.querySelector("li.card .remove-btn").click();
+            const indicator = document.getElementById("connection");
+            return [indicator.dataset.state, indicator.querySelector(".conn-detail").textContent];
+        }"""
+    )
+    assert after == ["idle", "No subscriptions"], after
+
+
+@pytest.mark.timeout(60)
+async def test_one_line_subscribe_and_a_relay_client_of_ones_own(
+    servers: Servers, page: Page
+) -> None:
+    """`subscribe()` still works alone; a RelayClient leaves its caller's options untouched."""
+    _, base = await servers.relay(None, "--max-stream-tasks", "2")
+    tasks = [await start_sim_task(base, duration=1.5, queue=0, fail=False) for _ in range(4)]
+    await page.goto(f"{base}/static/relay-client.js")  # same origin for the import
+    result = await page.evaluate(
+        """async ([base, tasks]) => {
+            const client = await import("/static/relay-client.js");
+            const { subscribe, RelayClient, ConnectionState } = client;
+            const follow = (sub, taskId, transport) => new Promise((resolve, reject) => {
+                let last;
+                sub(taskId, { transport, onState: (s) => (last = s), onEnd: () => resolve(last),
+                              onError: (e) => reject(new Error(e.code)) });
+            });
+            const options = { maxTasksPerStream: 32 };
+            const mine = new RelayClient(base, options);
+            const states = await Promise.all([
+                follow(subscribe, tasks[0], "sse"),
+                follow(subscribe, tasks[1], "ws"),
+                // Three tasks on one stream: above the relay's cap, so it is refused first.
+                ...tasks.slice(1).map((id) => follow(mine.subscribe.bind(mine), id, "sse")),
+            ]);
+            return { states, options, frozen: Object.isFrozen(mine.options),
+                     idle: mine.connectionState().state === ConnectionState.IDLE };
+        }""",
+        [base, tasks],
+    )
+    assert result["options"] == {"maxTasksPerStream": 32}
+    assert result["frozen"] and result["idle"], result
+    followed = [tasks[0], tasks[1], *tasks[1:]]
+    for task_id, state in zip(followed, result["states"], strict=True):
+        assert state == await server_state(base, task_id)
