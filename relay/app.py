@@ -150,12 +150,14 @@ def create_app(settings: Settings) -> Starlette:
             on_subscribers=metrics.subscribers_changed,
         )
         metrics.watch(upstream.budget, hub)
-        app.state.relay = Relay(settings, hub, backend, upstream, metrics, StateLookup(upstream))
+        lookup = StateLookup(upstream)
+        app.state.relay = Relay(settings, hub, backend, upstream, metrics, lookup)
         backend.start(hub.receive)
         try:
             yield
         finally:
             await hub.close()
+            await lookup.close()
             await backend.close()
             await http.aclose()
 

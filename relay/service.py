@@ -72,6 +72,13 @@ class StateLookup:
             call.add_done_callback(lambda _: self._calls.pop(task_id, None))
         return await asyncio.shield(call)
 
+    async def close(self) -> None:
+        """Cancel the calls still running (at shutdown: the HTTP client closes next)."""
+        calls = list(self._calls.values())
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
 
 @dataclass
 class Relay:
