@@ -14,8 +14,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from email.utils import formatdate
@@ -50,7 +50,10 @@ class Signer(Protocol):
 
 
 def _uuid_nonce() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID, as `str(uuid.uuid4())` writes it, in a third of its time."""
+    h = os.urandom(16).hex()
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
 
 
 def content_md5(body: bytes) -> str:
@@ -78,6 +81,8 @@ def canonical_resource(path: str) -> str:
 
     Keys and values are percent-decoded; a repeated key keeps its first value.
     """
+    if "?" not in path:
+        return path
     base, _, query = path.partition("?")
     params: dict[str, str] = {}
     for pair in query.split("&"):
@@ -100,9 +105,14 @@ def string_to_sign(method: str, headers: Mapping[str, str], path: str) -> str:
 
 
 class ApiGatewaySigner:
-    """Signs requests with an AccessKey pair; a fresh nonce and timestamp on every call."""
+    """Signs requests with an AccessKey pair; a fresh nonce and timestamp on every call.
 
-    __slots__ = ("_clock", "_key_id", "_nonce", "_secret")
+    `sign` writes the string to sign out directly, in the order `string_to_sign` puts it
+    (its signed headers are always `SIGNED_HEADERS`, sorted), and formats the `date`
+    header once per second: it runs on every upstream call.
+    """
+
+    __slots__ = ("_clock", "_date", "_date_second", "_key", "_key_id", "_nonce", "_secret")
 
     def __init__(
         self,
@@ -115,8 +125,11 @@ class ApiGatewaySigner:
             raise ValueError("ApiGatewaySigner needs both an AccessKey ID and an AccessKey secret")
         self._key_id = access_key_id
         self._secret = access_key_secret
+        self._key = access_key_secret.encode("utf-8")
         self._clock = clock
         self._nonce = nonce
+        self._date_second: int | None = None
+        self._date = ""
 
     def __repr__(self) -> str:
         return f"ApiGatewaySigner(access_key_id={self._key_id!r}, access_key_secret='***')"
@@ -124,22 +137,39 @@ class ApiGatewaySigner:
     def sign(self, method: str, path: str, body: bytes) -> dict[str, str]:
         """Headers for one request; ``body`` must be the exact bytes that will be sent."""
         now = self._clock()
+        second = int(now)
+        if second != self._date_second:
+            self._date = formatdate(now, usegmt=True)
+            self._date_second = second
+        timestamp = str(int(now * 1000))
+        nonce = self._nonce()
+        # The gateway refuses a content-md5 sent with an empty body, and signs an empty line.
+        md5 = content_md5(body) if body else ""
+        # string_to_sign's layout, its signed headers (SIGNED_HEADERS) sorted by name.
+        to_sign = (
+            f"{method.upper()}\n{JSON_CONTENT_TYPE}\n{md5}\n{JSON_CONTENT_TYPE}\n{self._date}\n"
+            f"x-ca-key:{self._key_id}\nx-ca-nonce:{nonce}\n"
+            f"x-ca-signature-method:{SIGNATURE_METHOD}\nx-ca-timestamp:{timestamp}\n"
+            f"{canonical_resource(path)}"
+        )
         headers = {
-            "date": formatdate(now, usegmt=True),
+            "date": self._date,
             "x-ca-key": self._key_id,
-            "x-ca-timestamp": str(int(now * 1000)),
-            "x-ca-nonce": self._nonce(),
+            "x-ca-timestamp": timestamp,
+            "x-ca-nonce": nonce,
             "x-ca-signature-method": SIGNATURE_METHOD,
-            "x-ca-signature-headers": ",".join(SIGNED_HEADERS),
+            "x-ca-signature-headers": _SIGNED_HEADER_LIST,
             "Content-Type": JSON_CONTENT_TYPE,
             "Accept": JSON_CONTENT_TYPE,
         }
-        if body:  # the gateway refuses a content-md5 sent with an empty body
-            headers["content-md5"] = content_md5(body)
-        headers["x-ca-signature"] = _hmac_sha256_b64(
-            self._secret, string_to_sign(method, headers, path)
-        )
+        if body:
+            headers["content-md5"] = md5
+        signature = hmac.digest(self._key, to_sign.encode("utf-8"), "sha256")
+        headers["x-ca-signature"] = base64.b64encode(signature).decode("ascii")
         return headers
+
+
+_SIGNED_HEADER_LIST = ",".join(SIGNED_HEADERS)
 
 
 class NoSigner:

@@ -7,17 +7,17 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
 
+from . import __version__
 from .budget import RateBudget
 from .patch import drop_nulls
-from .protocol import dumps
 from .signing import ERR_INVALID_TIMESTAMP, ERR_TIMESTAMP_EXPIRED, Signer
+from .upstream_transport import UpstreamTransport
 
 logger = logging.getLogger("relay.upstream")
 
@@ -27,6 +27,7 @@ NOT_FOUND_CODE = "B_COMPUTING_CanNotFindTask"
 STATUSES = frozenset({"waiting", "running", "succeeded", "failed"})
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 32
+USER_AGENT = f"comfy-relay/{__version__}".encode()
 
 
 class UpstreamError(Exception):
@@ -58,19 +59,33 @@ class UpstreamUnavailable(UpstreamError):
         self.retry_after = retry_after
 
 
+class UpstreamHTTP(httpx.AsyncClient):
+    """httpx's client for the upstream, with its transport at hand.
+
+    `UpstreamClient` hands its requests straight to `transport`: the client's own `send`
+    (cookie jar, auth flow, redirects, event hooks, none of which the relay uses) cost more
+    CPU per call than the HTTP exchange itself (bench/README.md). Everything else, closing
+    included, is httpx's client as usual.
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: float) -> None:
+        super().__init__(transport=transport, timeout=httpx.Timeout(timeout))
+        self.transport = transport
+
+
 def make_http_client(
     timeout: float, max_connections: int, transport: httpx.AsyncBaseTransport | None = None
-) -> httpx.AsyncClient:
+) -> UpstreamHTTP:
     """The one HTTP client the relay uses upstream; the only place that names httpx's client.
 
-    Limits go on the transport: a client given `transport=` ignores its own `limits=`.
+    Its transport is `UpstreamTransport` (relay/upstream_transport.py), holding at most
+    `max_connections` connections, unless one is given (the embedded simulator's
+    `httpx.ASGITransport`, a test's). A client given `transport=` ignores its own `limits=`,
+    so the limits live on the transport.
     """
     if transport is None:
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        transport = httpx.AsyncHTTPTransport(limits=limits, retries=1)
-    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(timeout))
+        transport = UpstreamTransport(max_connections=max_connections, retries=1)
+    return UpstreamHTTP(transport, timeout)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -102,6 +117,14 @@ class UpstreamClient:
         self._slots = asyncio.Semaphore(concurrency)
         self._on_call = on_call
         self.budget = budget or RateBudget(None)
+        # Parsed once: httpx parses a URL given as text on every request.
+        self._urls = {p: httpx.URL(self._base_url + p) for p in (PROGRESS_PATH, RESULT_PATH)}
+        self._host = self._urls[PROGRESS_PATH].netloc
+        self._timeouts = http.timeout.as_dict()
+        transport = http.transport if isinstance(http, UpstreamHTTP) else None
+        self._send: Callable[[httpx.Request], Awaitable[httpx.Response]] = (
+            transport.handle_async_request if transport is not None else self._send_by_client
+        )
 
     async def progress(self, task_id: str) -> dict[str, Any]:
         """The task's state: the envelope's `data` without nulls, with a known `status`."""
@@ -115,29 +138,31 @@ class UpstreamClient:
         return await self._call(RESULT_PATH, task_id, deadline)
 
     async def _call(self, path: str, task_id: str, deadline: float | None = None) -> dict[str, Any]:
-        body = dumps({"taskId": task_id}).encode()
-        request_timeout = None
+        # dumps({"taskId": task_id}), byte for byte, without building a dict and an encoder.
+        body = ('{"taskId":' + json.dumps(task_id, ensure_ascii=False) + "}").encode()
+        timeouts = self._timeouts
         if deadline is None:
             await self.budget.acquire()
         else:
             # Waiting for the budget (a 429 pause) may be cut short; a request in flight may
-            # not (httpx can leak a pool slot), so it gets only the time that is left.
+            # not (a transport may lose its connection slot), so it gets the time left.
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self.budget.acquire()
             except TimeoutError:
                 raise UpstreamUnavailable("no upstream budget left before the deadline") from None
-            request_timeout = deadline - time.monotonic()
-            if request_timeout <= 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise UpstreamUnavailable("no time left before the deadline")
+            timeouts = {"connect": left, "read": left, "write": left, "pool": left}
         started = time.perf_counter()
         outcome = "error"
         try:
             async with self._slots:
                 # Signed inside the slot, so the timestamp is fresh when the call goes out.
                 headers = self._signer.sign("POST", self._base_path + path, body)
-                envelope = await self._post(self._base_url + path, body, headers, request_timeout)
-            data = read_envelope(envelope, task_id)
+                raw = await self._post(self._urls[path], body, headers, timeouts)
+            data = read_envelope(parse_json(raw), task_id, parsed_from=raw)
             outcome = "ok"
             return data
         except TaskNotFound:
@@ -150,59 +175,86 @@ class UpstreamClient:
             if self._on_call is not None:
                 self._on_call(outcome, time.perf_counter() - started)
 
+    async def _send_by_client(self, request: httpx.Request) -> httpx.Response:
+        """For an httpx client made elsewhere: its own `send`."""
+        return await self._http.send(request, stream=True)
+
     async def _post(
-        self, url: str, body: bytes, headers: dict[str, str], request_timeout: float | None
-    ) -> Any:
-        request = self._http.build_request(
+        self, url: httpx.URL, body: bytes, headers: dict[str, str], timeouts: dict[str, Any]
+    ) -> bytes:
+        """The body of a 2xx answer; any other answer or fault raised as an UpstreamError."""
+        # Host and Content-Length given, and the body as a stream: httpx.Request then has
+        # nothing to add, and costs a third of what it costs to work them out.
+        raw_headers = [
+            (b"Host", self._host),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"User-Agent", USER_AGENT),
+        ]
+        raw_headers += [(name.encode(), value.encode()) for name, value in headers.items()]
+        request = httpx.Request(
             "POST",
             url,
-            content=body,
-            headers=headers,
-            timeout=httpx.USE_CLIENT_DEFAULT if request_timeout is None else request_timeout,
+            headers=raw_headers,
+            stream=httpx.ByteStream(body),
+            extensions={"timeout": timeouts},
         )
         try:
-            async with await_response(self._http, request) as response:
+            response = await self._send(request)
+            try:
                 raw = await read_limited(response)
+            finally:
+                await response.aclose()
+        except UpstreamUnavailable:
+            raise
         except httpx.TimeoutException:
             raise UpstreamUnavailable("upstream timed out") from None
         except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(f"upstream connection failed: {type(exc).__name__}") from None
+            raise UpstreamUnavailable(f"upstream connection failed: {describe(exc)}") from None
+        except Exception as exc:
+            # A transport that lets its own errors out (httpx-aiohttp's lets aiohttp's out):
+            # still an upstream fault, retried like any other, never a relay error.
+            raise UpstreamUnavailable(f"upstream call failed: {describe(exc)}") from None
         status = response.status_code
         if status == 429 or status >= 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             if status == 429:
                 self.budget.pause(retry_after if retry_after is not None else 1.0)
             raise UpstreamUnavailable(f"upstream answered HTTP {status}", retry_after)
-        gateway_error = response.headers.get("x-ca-error-message")
-        if status in (401, 403) or (400 <= status < 500 and gateway_error):
-            raise Unauthorized(
-                f"upstream refused the call: HTTP {status} {gateway_error or ''}", gateway_error
-            )
         if status >= 400:
+            gateway_error = response.headers.get("x-ca-error-message")
+            if status in (401, 403) or gateway_error:
+                raise Unauthorized(
+                    f"upstream refused the call: HTTP {status} {gateway_error or ''}",
+                    gateway_error,
+                )
             raise UpstreamUnavailable(f"upstream answered HTTP {status}")
-        return parse_json(raw)
+        return raw
 
 
-@asynccontextmanager
-async def await_response(
-    http: httpx.AsyncClient, request: httpx.Request
-) -> AsyncIterator[httpx.Response]:
-    response = await http.send(request, stream=True)
-    try:
-        yield response
-    finally:
-        await response.aclose()
+def describe(exc: BaseException) -> str:
+    """An exception's type and message, short enough for a log line and an error event."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 async def read_limited(response: httpx.Response) -> bytes:
-    chunks: list[bytes] = []
+    """The body, refused past MAX_BODY_BYTES (counted decoded, when it comes compressed)."""
+    encoding = response.headers.get("content-encoding")
+    chunks: AsyncIterable[bytes]
+    if encoding is None or encoding.strip().lower() == "identity":
+        # As it came: the relay asks for no compression, and httpx's decoding layers
+        # (decoder, chunker, byte counts) cost more than reading the few bytes of an answer.
+        chunks = cast(httpx.AsyncByteStream, response.stream)
+    else:
+        chunks = response.aiter_bytes()
+    parts: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in chunks:
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise UpstreamUnavailable(f"upstream body larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def reject_constant(name: str) -> Any:
@@ -216,37 +268,54 @@ def finite_float(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)
+
+
 def parse_json(raw: bytes) -> Any:
     """Strict JSON, as browsers read it: no NaN or Infinity, nothing nested past MAX_DEPTH."""
     try:
-        value = json.loads(raw, parse_constant=reject_constant, parse_float=finite_float)
+        # What json.loads does with bytes, with one decoder made once rather than per call.
+        value = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except (ValueError, RecursionError):
         raise UpstreamUnavailable("upstream body is not JSON") from None
-    if nesting_depth(value) > MAX_DEPTH:
+    # Each level of nesting opens a container, and each container is a byte `{` or `[`
+    # (strings may hold more, never fewer): an answer with few of them needs no walk.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and nesting_depth(value) > MAX_DEPTH:
         raise UpstreamUnavailable(f"upstream body is nested deeper than {MAX_DEPTH} levels")
     return value
 
 
+def plain_unicode(raw: bytes) -> bool:
+    """True when JSON read from `raw` cannot hold a lone surrogate: UTF-8 without an escape
+    sequence or a byte that starts an encoded surrogate (json.loads lets both through)."""
+    return (
+        b"\\u" not in raw and b"\xed" not in raw and json.detect_encoding(raw).startswith("utf-8")
+    )
+
+
 def nesting_depth(value: Any) -> int:
     """How deep objects and arrays nest in a JSON value (iteratively: no recursion limit)."""
-    deepest, stack = 0, [(value, 1)]
+    if not isinstance(value, dict | list):
+        return 0
+    deepest, stack = 1, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_DEPTH:
-            return deepest
-        stack.extend((child, depth + 1) for child in children)
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_DEPTH:
+                return deepest
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):  # only containers go on the stack
+                stack.append((child, depth + 1))
     return deepest
 
 
-def read_envelope(envelope: Any, task_id: str) -> dict[str, Any]:
-    """The `data` of an API envelope, or the error it stands for."""
+def read_envelope(envelope: Any, task_id: str, parsed_from: bytes | None = None) -> dict[str, Any]:
+    """The `data` of an API envelope, or the error it stands for.
+
+    `parsed_from`: the body the envelope is `parse_json` of, which has bounded its nesting
+    already, and whose bytes can tell that its strings need no Unicode check.
+    """
     if not isinstance(envelope, dict):
         raise UpstreamUnavailable("upstream body is not an API envelope")
     if envelope.get("subErrCode") == NOT_FOUND_CODE:
@@ -257,11 +326,12 @@ def read_envelope(envelope: Any, task_id: str) -> dict[str, Any]:
     data = envelope.get("data")
     if not isinstance(data, dict):
         raise UpstreamUnavailable("upstream envelope has no data object")
-    if nesting_depth(data) > MAX_DEPTH:
+    if parsed_from is None and nesting_depth(data) > MAX_DEPTH:
         raise UpstreamUnavailable(f"upstream data is nested deeper than {MAX_DEPTH} levels")
-    try:
-        json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
-    except (UnicodeEncodeError, ValueError):
-        raise UpstreamUnavailable("upstream data is not valid Unicode JSON") from None
+    if parsed_from is None or not plain_unicode(parsed_from):
+        try:
+            json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
+        except (UnicodeEncodeError, ValueError):
+            raise UpstreamUnavailable("upstream data is not valid Unicode JSON") from None
     cleaned: dict[str, Any] = drop_nulls(data)
     return cleaned

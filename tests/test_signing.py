@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from email.utils import formatdate
 
 import pytest
 
@@ -160,6 +161,30 @@ def test_default_nonce_is_a_uuid_and_default_clock_is_now() -> None:
     headers = ApiGatewaySigner(KEY_ID, SECRET).sign("POST", PATH, BODY)
     assert str(uuid.UUID(headers["x-ca-nonce"])) == headers["x-ca-nonce"]
     assert abs(int(headers["x-ca-timestamp"]) - time.time() * 1000) < 60_000
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", PATH, BODY),
+        ("post", "/scc/comfy_get_result", b'{"taskId":"t"}'),
+        ("GET", "/p?z=1&a=2&e=&k", b""),
+        ("PUT", "/base/scc/comfy_get_progress", '{"taskId":"é"}'.encode()),
+    ],
+)
+def test_sign_signs_what_string_to_sign_builds_from_its_headers(
+    method: str, path: str, body: bytes
+) -> None:
+    """sign writes its string to sign out directly; it must be string_to_sign's."""
+    ticks = iter([NOW, NOW + 0.4, NOW + 1.7])
+    signer = ApiGatewaySigner("ключ-id", SECRET, clock=lambda: next(ticks))
+    for _ in range(3):  # the cached date, then a new second
+        headers = signer.sign(method, path, body)
+        expected = hmac.new(
+            SECRET.encode(), string_to_sign(method, headers, path).encode(), hashlib.sha256
+        ).digest()
+        assert headers["x-ca-signature"] == base64.b64encode(expected).decode()
+        assert headers["date"] == formatdate(int(headers["x-ca-timestamp"]) / 1000, usegmt=True)
 
 
 # --- the gateway side -----------------------------------------------------------------
