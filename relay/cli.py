@@ -27,6 +27,8 @@ from .config import (
     non_negative_float,
     positive_float,
     read_options,
+    text,
+    url,
 )
 from .logs import configure_logging
 from .protocol import invalid_task_id_message, is_valid_task_id
@@ -67,6 +69,28 @@ SIMULATE_OPTIONS: tuple[Option, ...] = (
     replace(SERVE["log_format"], env=()),
 )
 TOKEN_OPTIONS = (flag("ttl", "SECONDS", positive_float, "seconds until it expires", 600.0),)
+# `relay watch` is a client: its variables are not the relay's settings. The token is best
+# given by RELAY_TOKEN, which, unlike a flag, no process list shows.
+WATCH_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "url",
+        ("RELAY_URL",),
+        "--url",
+        "URL",
+        url("http", "https"),
+        "base URL of the relay",
+        "http://127.0.0.1:8000",
+    ),
+    Option(
+        "token",
+        ("RELAY_TOKEN",),
+        "--token",
+        "TOKEN",
+        text,
+        "access token for the task, when the relay requires tokens",
+        unset="no token",
+    ),
+)
 
 logger = logging.getLogger("relay")
 
@@ -169,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("task_ids", nargs="+", metavar="TASK_ID", help="a task the token covers")
     add_options(token, TOKEN_OPTIONS)
+
+    watch = commands.add_parser(
+        "watch",
+        help="follow a task in the terminal: a progress line, or one JSON state per line",
+        description="Follow a task to its end on a relay: a live progress line (node, step of\n"
+        "max steps, progress, ETA), or with --json each whole state on a line of its own.\n"
+        "Exit status 0 when the task succeeded, 1 when it failed, 2 when it is unknown,\n"
+        "the relay refused, or the relay could not be reached for 30 seconds.",
+        formatter_class=raw,
+    )
+    watch.add_argument("task_id", metavar="TASK_ID", help="the task to follow")
+    add_options(watch, WATCH_OPTIONS)
+    watch.add_argument(
+        "--json",
+        action="store_true",
+        help="print each state as one line of JSON instead of the progress line (default off)",
+    )
     return parser
 
 
@@ -316,6 +357,36 @@ def token(args: argparse.Namespace) -> None:
         raise ConfigError(f"RELAY_TOKEN_SECRET {exc}") from None
 
 
+def watch(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from .client import watch_in_terminal
+
+    values = {option.name: option.default for option in WATCH_OPTIONS}
+    values |= read_options(WATCH_OPTIONS, given(args, WATCH_OPTIONS), os.environ)
+    if not is_valid_task_id(args.task_id):
+        raise ConfigError(invalid_task_id_message(args.task_id))
+    follow = watch_in_terminal(
+        values["url"],
+        args.task_id,
+        token=values["token"],
+        json_lines=args.json,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
+    try:
+        status = asyncio.run(follow)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        status = 130  # as a shell reports a command stopped by Ctrl-C
+    except BrokenPipeError:
+        # The reader left (`relay watch --json ID | head -1`): no traceback, and nothing
+        # more for Python to flush into the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141  # as a shell reports a command stopped by SIGPIPE
+    raise SystemExit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run a command. Exit 2, with one `relay: error:` line, on a setting it cannot use."""
     argv = sys.argv[1:] if argv is None else argv
@@ -332,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             simulate(args)
         elif args.command == "token":
             token(args)
+        elif args.command == "watch":
+            watch(args)
     except ConfigError as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from relay.cli import SIMULATE_OPTIONS, TOKEN_OPTIONS, main
+from relay.cli import SIMULATE_OPTIONS, TOKEN_OPTIONS, WATCH_OPTIONS, main
 from relay.config import (
     OPTIONS,
     ConfigError,
@@ -273,12 +273,33 @@ def test_simulate_and_token_help(
         assert line in text, line
 
 
+def test_watch_help_shows_each_option_with_env_and_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = help_of(["watch"], capsys, monkeypatch)
+    assert text.startswith("usage: relay watch [-h] [--url URL] [--token TOKEN] [--json] TASK_ID")
+    assert "VALUE" not in text and "Exit status 0 when the task succeeded, 1 when it failed" in text
+    for option in WATCH_OPTIONS:
+        env = " or ".join(option.env)
+        default = f"default {option.shown_default or option.unset_text}"
+        line = f"{option.flag} {option.metavar} {option.help} (env {env}, {default})"
+        assert line in text, line
+    assert "--url URL base URL of the relay (env RELAY_URL, default http://127.0.0.1:8000)" in text
+    assert "(env RELAY_TOKEN, default unset: no token)" in text
+    assert "--json print each state as one line of JSON" in text and "(default off)" in text
+
+
 def test_top_level_help_lists_the_commands(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     text = help_of([], capsys, monkeypatch)
     assert text.startswith("usage: relay [-h] [--version] COMMAND ...")
-    for command in ("serve run the relay", "simulate run the simulated", "token print an"):
+    for command in (
+        "serve run the relay",
+        "simulate run the simulated",
+        "token print an",
+        "watch follow a task",
+    ):
         assert command in text
     assert "relay COMMAND --help" in text
 
@@ -293,12 +314,13 @@ def test_bare_relay_prints_the_full_help_and_exits_2() -> None:
     assert "commands:" in result.stderr and "relay COMMAND --help" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "simulate", "token"])
+@pytest.mark.parametrize("command", ["serve", "simulate", "token", "watch"])
 def test_an_unknown_option_gets_the_command_usage(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
-        main([command, "task-a", "--bogus"] if command == "token" else [command, "--bogus"])
+        takes_task = command in ("token", "watch")
+        main([command, "task-a", "--bogus"] if takes_task else [command, "--bogus"])
     assert exited.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith(f"usage: relay {command} ")
