@@ -7,6 +7,7 @@ flag, parser and help. The command line, its help and docs/settings.md derive fr
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -104,6 +105,23 @@ def text(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must not be empty")
     return raw.strip()
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_count(raw: str) -> int:
+    """A whole number of processes, or `auto`: one per core."""
+    if raw.strip().lower() == "auto":
+        return cores()
+    try:
+        return positive_int(raw)
+    except ValueError:
+        raise ValueError(f"must be a whole number >= 1 or auto, got {raw!r}") from None
 
 
 def boolean(raw: str) -> bool:
@@ -248,6 +266,15 @@ class Settings:
         8000, ("RELAY_PORT", "PORT"), "--port", "PORT", port_number, "listening port"
     )
     host: str = setting("127.0.0.1", "RELAY_HOST", "--host", "HOST", text, "listening address")
+    workers: int = setting(
+        1,
+        "RELAY_WORKERS",
+        "--workers",
+        "N",
+        worker_count,
+        "processes serving the port, each a node of the cluster (needs --redis); auto: one"
+        " per core",
+    )
     request_timeout: float = setting(
         10.0,
         "RELAY_REQUEST_TIMEOUT",
@@ -457,4 +484,14 @@ def load_settings(
         values.get("access_key_secret")
     ):
         raise ConfigError("RELAY_ACCESS_KEY_ID and RELAY_ACCESS_KEY_SECRET must be set together")
+    workers = values.get("workers", 1)
+    if workers > 1 and not values.get("redis_url"):
+        raise ConfigError(
+            f"--workers {workers} needs --redis (RELAY_REDIS_URL): each worker is a cluster node"
+        )
+    if workers > 1 and not values.get("upstream_url"):
+        raise ConfigError(
+            f"--workers {workers} needs --upstream (RELAY_UPSTREAM_URL): an embedded simulator"
+            " would know only the tasks started on its own worker"
+        )
     return Settings(**values)

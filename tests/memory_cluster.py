@@ -1,8 +1,9 @@
 """An in-memory cluster: several nodes' `Backend`s sharing what Redis would hold.
 
 It keeps `RedisBackend`'s rules (leases with an expiry, a store fenced by the lease,
-interest entries that expire, changes published to every other node) without sockets,
-so the poll loop's cluster logic can be tested in one event loop, node by node.
+interest entries that expire, changes published to every other node, a node registry
+and the placement of leases of `relay/placement.py`) without sockets, so the poll loop's
+cluster logic can be tested in one event loop, node by node. Times are `time.monotonic`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay.backend import Change, Receive
+from relay.placement import Placement
 
 
 @dataclass
@@ -33,6 +35,7 @@ class MemoryStore:
         self.stored: dict[str, Stored] = {}
         self.interest: dict[str, dict[str, float]] = {}
         self.listeners: dict[str, Receive] = {}
+        self.nodes: dict[str, float] = {}  # the registry: node -> heartbeat expiry
 
     def node(self, node_id: str, lease_ttl: float = 0.3) -> MemoryBackend:
         return MemoryBackend(self, node_id, lease_ttl)
@@ -40,6 +43,15 @@ class MemoryStore:
     def holder(self, task_id: str) -> str | None:
         lease = self.leases.get(task_id)
         return lease[0] if lease is not None and lease[1] > time.monotonic() else None
+
+    def held(self) -> dict[str, int]:
+        """How many live leases each node holds."""
+        counts: dict[str, int] = {}
+        for task_id in self.leases:
+            holder = self.holder(task_id)
+            if holder is not None:
+                counts[holder] = counts.get(holder, 0) + 1
+        return counts
 
     def publish(self, sender: str, change: Change) -> None:
         loop = asyncio.get_running_loop()
@@ -58,21 +70,32 @@ class MemoryBackend:
         self.node_id = node_id
         self.lease_ttl = lease_ttl
         self.crashed = False
+        self.placement = Placement(node_id, lease_ttl, clock=time.monotonic)
+        self.beat()
 
     @property
     def check_interval(self) -> float:
         return self.lease_ttl / 3
 
     def crash(self) -> None:
-        """Go silent as a killed node would: no renewal, no release, no messages."""
+        """Go silent as a killed node would: no renewal, no release, no messages, no
+        heartbeat (its registry entry expires like its leases)."""
         self.crashed = True
         self.shared.listeners.pop(self.node_id, None)
+
+    def beat(self) -> None:
+        """The heartbeat, here at every call: register, and read who is alive."""
+        now = time.monotonic()
+        if not self.crashed:
+            self.shared.nodes[self.node_id] = now + self.lease_ttl
+        self.placement.saw_nodes({n: e for n, e in self.shared.nodes.items() if e > now})
 
     def start(self, receive: Receive) -> None:
         self.shared.listeners[self.node_id] = receive
 
     async def close(self) -> None:
         self.shared.listeners.pop(self.node_id, None)
+        self.shared.nodes.pop(self.node_id, None)
 
     async def interest(self, task_id: str, wanted: bool) -> int:
         now = time.monotonic()
@@ -85,16 +108,29 @@ class MemoryBackend:
         for node_id, expiry in list(nodes.items()):
             if expiry <= now:
                 del nodes[node_id]
+        self.placement.saw_watchers(task_id, nodes)
         return len(nodes)
 
     async def acquire(self, task_id: str) -> bool:
-        if self.crashed or self.shared.holder(task_id) is not None:
+        self.beat()
+        take = self.placement.should_take(task_id)
+        holder = self.shared.holder(task_id)
+        if self.crashed or (holder is not None and holder != self.node_id):
+            self.placement.held_elsewhere(task_id)
             return False
+        if holder is None and not take:
+            return False  # left to the node that should poll it
         self.shared.leases[task_id] = (self.node_id, time.monotonic() + self.lease_ttl)
+        self.placement.took(task_id)
         return True
 
     async def renew(self, task_id: str) -> bool:
+        self.beat()
+        if self.placement.hand_over_to(task_id) is not None:
+            await self.release(task_id)
+            return False
         if self.crashed or self.shared.holder(task_id) != self.node_id:
+            self.placement.gave_up(task_id)
             return False
         self.shared.leases[task_id] = (self.node_id, time.monotonic() + self.lease_ttl)
         return True
@@ -103,6 +139,7 @@ class MemoryBackend:
         return nullcontext()
 
     async def release(self, task_id: str) -> None:
+        self.placement.gave_up(task_id)
         if not self.crashed and self.shared.holder(task_id) == self.node_id:
             del self.shared.leases[task_id]
 

@@ -16,6 +16,7 @@ import pytest
 
 from relay.backend import Change, LocalBackend
 from relay.hub import Hub, TaskHub
+from relay.placement import SETTLE_LEASE_PERIODS, preferred
 from relay.poll_loop import LoopSignal, PollPolicy, poll_task
 from relay.protocol import Event
 from relay.signing import NoSigner
@@ -159,3 +160,122 @@ async def test_a_lone_relay_stops_polling_after_the_linger() -> None:
         assert simulator.calls[task_id] == calls
     finally:
         await node.close()
+
+
+# -- spreading the leases (relay/placement.py) ----------------------------------------------
+
+
+def test_rendezvous_choice_spreads_tasks_and_a_node_moves_only_its_share() -> None:
+    tasks = [f"task-{n}" for n in range(3000)]
+    three = {t: preferred(t, ["a", "b", "c"]) for t in tasks}
+    shares = {node: sum(1 for c in three.values() if c == node) for node in "abc"}
+    assert all(900 <= share <= 1100 for share in shares.values()), shares
+    # "c" leaves: only its tasks move, split between the others.
+    two = {t: preferred(t, ["a", "b"]) for t in tasks}
+    assert all(two[t] == three[t] for t in tasks if three[t] != "c")
+    moved = [two[t] for t in tasks if three[t] == "c"]
+    assert 0.4 < moved.count("a") / len(moved) < 0.6
+    # "d" joins: the only tasks that move are those that go to it.
+    four = {t: preferred(t, ["a", "b", "c", "d"]) for t in tasks}
+    assert all(four[t] in (three[t], "d") for t in tasks)
+    assert 600 <= sum(1 for t in tasks if four[t] == "d") <= 900
+
+
+class Turns:
+    """What each node's poll loops do with the lease between two polls, for many tasks
+    at once: record interest, renew a held lease (or hand it over), or try to take it."""
+
+    def __init__(self, store: MemoryStore, tasks: list[str]) -> None:
+        self.store = store
+        self.tasks = tasks
+        self.nodes: list[MemoryBackend] = []
+        self.owns: dict[tuple[str, str], bool] = {}
+
+    def join(self, backend: MemoryBackend) -> None:
+        self.nodes.append(backend)
+
+    async def run(self, seconds: float) -> None:
+        deadline = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < deadline:
+            for node in self.nodes:
+                if node.crashed:
+                    continue
+                for task_id in self.tasks:
+                    key = (node.node_id, task_id)
+                    await node.interest(task_id, True)
+                    if self.owns.get(key):
+                        self.owns[key] = await node.renew(task_id)
+                    else:
+                        self.owns[key] = await node.acquire(task_id)
+            # One poll loop per task: no two running nodes believe they poll it.
+            for task_id in self.tasks:
+                pollers = [
+                    n for n in self.nodes if not n.crashed and self.owns.get((n.node_id, task_id))
+                ]
+                assert len(pollers) <= 1, (task_id, [n.node_id for n in pollers])
+            await asyncio.sleep(self.nodes[0].check_interval / 2)
+
+    def holders(self) -> dict[str, str | None]:
+        return {task_id: self.store.holder(task_id) for task_id in self.tasks}
+
+
+async def test_leases_spread_over_the_nodes_watching_and_move_only_a_nodes_share() -> None:
+    lease_ttl = 0.2
+    settle = SETTLE_LEASE_PERIODS * lease_ttl
+    store = MemoryStore()
+    tasks = [f"task-{n}" for n in range(300)]
+    turns = Turns(store, tasks)
+    first = store.node("node-0", lease_ttl)
+    turns.join(first)
+    await turns.run(0.1)
+    # Alone, node-0 takes every task at once: nobody else watches them.
+    assert store.held() == {"node-0": 300}
+    for name in ("node-1", "node-2"):
+        turns.join(store.node(name, lease_ttl))
+    await turns.run(settle / 2)
+    assert store.held() == {"node-0": 300}, "a held lease moved before the settle time"
+    await turns.run(settle / 2 + 0.5)
+    names = ["node-0", "node-1", "node-2"]
+    assert turns.holders() == {t: preferred(t, names) for t in tasks}
+    assert all(75 <= held <= 125 for held in store.held().values()), store.held()
+
+    # node-1 dies: its share is split between the survivors, whose own tasks stay.
+    before = turns.holders()
+    turns.nodes[1].crash()
+    await turns.run(lease_ttl * 3)
+    after = turns.holders()
+    assert all(after[t] == before[t] for t in tasks if before[t] != "node-1")
+    moved = [after[t] for t in tasks if before[t] == "node-1"]
+    assert all(holder in ("node-0", "node-2") for holder in moved)
+    assert moved.count("node-0") >= len(moved) / 4 and moved.count("node-2") >= len(moved) / 4
+
+    # node-3 joins: after the settle time it holds its share, and nothing else moved.
+    turns.join(store.node("node-3", lease_ttl))
+    await turns.run(settle + 0.5)
+    final = turns.holders()
+    names = ["node-0", "node-2", "node-3"]
+    assert final == {t: preferred(t, names) for t in tasks}
+    assert all(final[t] in (after[t], "node-3") for t in tasks)
+
+
+async def test_a_free_lease_is_left_to_the_preferred_watcher_but_a_lone_watcher_takes_it() -> None:
+    store = MemoryStore()
+    lease_ttl = 0.3
+    a, b = store.node("a", lease_ttl), store.node("b", lease_ttl)
+    task_id = next(t for t in (f"t{n}" for n in range(100)) if preferred(t, ["a", "b"]) == "b")
+    # Only "a" watches: it takes the lease at once, although "b" would be preferred.
+    await a.interest(task_id, True)
+    assert await a.acquire(task_id)
+    await a.release(task_id)
+    # Both watch: "a" leaves the free lease to "b", which takes it.
+    await b.interest(task_id, True)
+    await a.interest(task_id, True)
+    assert not await a.acquire(task_id)
+    assert await b.acquire(task_id)
+    await b.release(task_id)
+    # "b" watches but never takes it: after the grace period "a" polls after all.
+    assert not await a.acquire(task_id)
+    await asyncio.sleep(a.placement.grace + 0.05)
+    await b.interest(task_id, True)
+    await a.interest(task_id, True)
+    assert await a.acquire(task_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -10,7 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +21,11 @@ import httpx
 import pytest
 import websockets
 
+from relay.placement import SETTLE_LEASE_PERIODS
+
 from .clients import Watcher, wait_for, watch_sse, watch_ws
 from .conftest import SimulatedUpstream
-from .servers import ProcessServer, free_port
+from .servers import ROOT, ProcessServer, free_port
 
 LEASE_TTL = 1.0
 SECRET = {"RELAY_ACCESS_KEY_SECRET": "cluster-test-secret"}
@@ -325,3 +330,266 @@ async def test_every_node_answers_204_to_a_resume_at_an_ended_tasks_last_state(
         state = await http.get(f"{node.url}/v1/tasks/{task_id}")
         assert state.headers["X-Relay-Seq"] == last
         assert state.json() == watcher.state
+
+
+# -- lease placement: the polling spread over the nodes ---------------------------------------
+
+
+async def read_seqs(ws: Any, seen: dict[str, list[int]]) -> None:
+    """Every state's seq a many-task WebSocket delivers, by task."""
+    with contextlib.suppress(websockets.ConnectionClosed):
+        async for raw in ws:
+            message = json.loads(raw)
+            if message.get("type") in ("snapshot", "patch"):
+                seen[message["taskId"]].append(message["seq"])
+
+
+async def leases(http: httpx.AsyncClient, nodes: list[ProcessServer]) -> list[int]:
+    return [int(await metric(http, node, "relay_leases_held")) for node in nodes]
+
+
+def lease_holders(store: Any, tasks: list[str]) -> dict[str, str | None]:
+    """Each task's lease holder, as Redis has it (a node ID), or None."""
+    values = store.mget([f"relay:lease:{task_id}" for task_id in tasks])
+    return {t: v.decode() if v else None for t, v in zip(tasks, values, strict=True)}
+
+
+async def test_three_hundred_tasks_watched_on_three_nodes_are_polled_a_third_each(
+    redis_url: str, http: httpx.AsyncClient, nodes_factory: Any
+) -> None:
+    """Every node watches every task; node 0 saw them first and took every lease. After
+    the settle time (ten lease periods) each node polls the tasks it is the rendezvous
+    choice for; when one is killed the survivors split its tasks and keep their own,
+    and every task's stored sequence runs on without a gap or a repeat."""
+    import redis as redis_sync
+
+    store = redis_sync.Redis.from_url(redis_url)
+    # The simulator in a process of its own: 300 tasks polled by three nodes would slow
+    # this test's own event loop, and the upstream with it.
+    simulator = ProcessServer(["simulate", "--fail-rate", "0"]).start("/sim/stats")
+    interval, lease_ttl = 5.0, 3.0
+    extra = ["--poll-interval", str(interval), "--max-ws-subscriptions", "300"]
+    nodes = nodes_factory(3, redis_url, simulator.url, *extra, "--lease-ttl", str(lease_ttl))
+    body = {"queue": 0, "duration": 300}
+    tasks = []
+    for _ in range(300):
+        tasks.append((await http.post(f"{simulator.url}/sim/tasks", json=body)).json()["taskId"])
+
+    async def calls() -> dict[str, int]:
+        counts = (await http.get(f"{simulator.url}/sim/stats")).json()["calls"]
+        return {task_id: counts.get(task_id, 0) for task_id in tasks}
+
+    seen: list[dict[str, list[int]]] = [defaultdict(list) for _ in nodes]
+    sockets, readers = [], []
+    try:
+        for n, node in enumerate(nodes):
+            ws = await websockets.connect(f"{node.ws_url}/v1/ws", max_size=None)
+            sockets.append(ws)
+            readers.append(asyncio.create_task(read_seqs(ws, seen[n])))
+            for start in range(0, len(tasks), 50):
+                for task_id in tasks[start : start + 50]:
+                    await ws.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+                await asyncio.sleep(0.2)
+            async with asyncio.timeout(60):
+                while await metric(http, node, "relay_poll_loops") < len(tasks):
+                    await asyncio.sleep(0.2)
+            if n == 0:
+                # Watched on node 0 alone: it polls them all (a few may be between a late
+                # renewal and the next check on a busy machine, as below).
+                held = await leases(http, nodes)
+                assert held[0] >= len(tasks) - 3 and held[1:] == [0, 0], held
+        async with asyncio.timeout(SETTLE_LEASE_PERIODS * lease_ttl + 45):
+            while True:
+                held = await leases(http, nodes)
+                assert sum(held) <= len(tasks), held  # one loop per task, in all
+                if sum(held) == len(tasks) and all(75 <= h <= 125 for h in held):
+                    break
+                await asyncio.sleep(0.25)
+        # Stable: nothing moves back and forth once the leases are spread. (On a busy
+        # machine a loop may renew late and lose a lease to the next check: a few.)
+        holders = lease_holders(store, tasks)
+        before = await calls()
+        for _ in range(12):
+            await asyncio.sleep(interval / 4)
+            held = await leases(http, nodes)
+            assert sum(held) >= len(tasks) - 3 and all(75 <= h <= 125 for h in held), held
+        print(f"leases held per node after the settle time: {held}")
+        now = lease_holders(store, tasks)
+        assert sum(now[t] != holders[t] for t in tasks) <= 3
+        # One loop per task in all: in three intervals, at most one loop's polls.
+        polled = [n - before[t] for t, n in (await calls()).items()]
+        assert max(polled) <= 4, sorted(polled)[-10:]
+
+        live = {m.decode() for m in store.zrange("relay:nodes", 0, -1)}
+        nodes[2].kill()
+        survivors = nodes[:2]
+        async with asyncio.timeout(20):
+            while sum(await leases(http, survivors)) < len(tasks):
+                await asyncio.sleep(0.1)
+        after = await leases(http, survivors)
+        print(f"after node 2 was killed: {after}")
+        assert all(a - h >= held[2] / 4 for a, h in zip(after, held[:2], strict=True)), after
+        moved_to = lease_holders(store, tasks)
+        survivor_ids = {holder for holder in moved_to.values() if holder}
+        assert len(survivor_ids) == 2 and survivor_ids < live, (survivor_ids, live)
+        # The survivors kept their own tasks; only the dead node's moved.
+        kept = [moved_to[t] == now[t] for t in tasks if now[t] in survivor_ids]
+        assert kept.count(False) <= 3, kept.count(False)
+        await asyncio.sleep(interval * 2)
+    finally:
+        for ws in sockets:
+            await ws.close()
+        await asyncio.gather(*readers, return_exceptions=True)
+        simulator.stop()
+    for task_id in tasks:
+        stored = [json.loads(entry)[0] for entry in store.lrange(f"relay:history:{task_id}", 0, -1)]
+        assert stored, task_id
+        assert stored == list(range(stored[0], stored[0] - len(stored), -1)), (task_id, stored)
+    for n in (0, 1):
+        for task_id in tasks:
+            seqs = seen[n][task_id]
+            assert seqs and all(b > a for a, b in itertools.pairwise(seqs)), (task_id, seqs)
+
+
+# -- relay serve --workers N ----------------------------------------------------------------
+
+
+def worker_pids(parent: ProcessServer) -> list[int]:
+    assert parent.process is not None
+    pid = parent.process.pid
+    with contextlib.suppress(FileNotFoundError):
+        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def connections_to(pid: int, port: int) -> int:
+    """Established TCP connections to `port` held by the process `pid` (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def start_workers(redis: str, upstream: str, *extra: str) -> ProcessServer:
+    args = ["serve", "--workers", "2", "--redis", redis, "--upstream", upstream, *extra]
+    server = ProcessServer([*args, "--poll-interval", "0.2", "--lease-ttl", str(LEASE_TTL)])
+    server.start()
+    deadline = time.monotonic() + 15
+    while len(worker_pids(server)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_workers_share_one_port_and_each_closes_its_streams_on_a_signal(
+    redis_url: str, upstream: SimulatedUpstream, http: httpx.AsyncClient, signum: int
+) -> None:
+    relay = start_workers(redis_url, upstream.url)
+    try:
+        workers = worker_pids(relay)
+        assert len(workers) == 2, relay.log()
+        task_id = upstream.start_task(queue=30, duration=30)
+        streams: list[list[str]] = [[] for _ in range(16)]
+
+        async def read_sse(lines: list[str]) -> None:
+            async with http.stream("GET", f"{relay.url}/v1/tasks/{task_id}/events") as response:
+                async for line in response.aiter_lines():
+                    lines.append(line)
+
+        readers = [asyncio.create_task(read_sse(lines)) for lines in streams]
+        sockets = []
+        for _ in range(16):
+            ws = await websockets.connect(f"{relay.ws_url}/v1/ws")
+            await ws.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+            await ws.recv()
+            sockets.append(ws)
+        async with asyncio.timeout(10):
+            while not all(any(x.startswith("event: snapshot") for x in s) for s in streams):
+                await asyncio.sleep(0.05)
+        # The kernel spread the 32 connections over both workers.
+        held = [connections_to(pid, relay.port) for pid in workers]
+        assert sum(held) == 32 and all(held), held
+
+        started = time.monotonic()
+        relay.signal(signum)
+        for ws in sockets:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        await asyncio.wait_for(asyncio.gather(*readers), 5)
+        assert all(any(x.startswith("retry:") for x in s) for s in streams)
+        assert relay.wait(5) in (0, -signum)
+        assert time.monotonic() - started < 5
+        assert not any(alive(pid) for pid in workers)
+        log = relay.log()
+        assert log.count("Application shutdown complete") == 2, log
+        assert "Traceback" not in log
+    finally:
+        relay.stop()
+
+
+async def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(
+    redis_url: str, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    relay = start_workers(redis_url, upstream.url)
+    try:
+        first, second = worker_pids(relay)
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while True:
+                now = worker_pids(relay)
+                if len(now) == 2 and first not in now:
+                    break
+                await asyncio.sleep(0.05)
+        assert second in now
+        await wait_for(
+            lambda: "Application startup complete" in relay.log().rsplit("killed", 1)[-1]
+        )
+        for _ in range(20):
+            async with httpx.AsyncClient() as fresh:  # a new connection each time: any worker
+                assert (await fresh.get(f"{relay.url}/healthz")).status_code == 200
+        assert "worker 0" in relay.log() or "worker 1" in relay.log()
+    finally:
+        relay.stop()
+    assert relay.wait(5) in (0, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--workers", "2"], "--workers 2 needs --redis (RELAY_REDIS_URL)"),
+        (["--workers", "two"], "--workers must be a whole number >= 1 or auto, got 'two'"),
+    ],
+)
+def test_workers_without_redis_is_one_line_and_exit_2(args: list[str], error: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--upstream", "http://127.0.0.1:9", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"relay: error: {error}"), lines
