@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 from starlette.applications import Starlette
@@ -13,7 +16,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
@@ -21,11 +24,17 @@ from .backend import Backend, LocalBackend
 from .budget import RateBudget
 from .config import Settings
 from .hub import Hub, TaskHub
-from .limits import ConnectionLimit
+from .limits import ConnectionLimit, overloaded_response
 from .metrics import Metrics
 from .poll_loop import LoopSignal, PollPolicy, poll_task
-from .protocol import ErrorCode, error_response, task_id_in_path
-from .service import Relay, StateLookup, relay_of
+from .protocol import (
+    ErrorCode,
+    error_response,
+    invalid_task_id_message,
+    is_valid_task_id,
+    task_id_in_path,
+)
+from .service import OVERLOADED_MESSAGE, Relay, StateLookup, relay_of
 from .signing import make_signer
 from .simulator import Simulator
 from .sse import many_task_events, refusal_response, task_events
@@ -36,6 +45,8 @@ from .upstream import (
     UpstreamUnavailable,
     make_http_client,
 )
+from .watches import DataDirInUse, SqliteStore, Watches, WatchStore, default_data_dir
+from .webhooks import RetryPolicy, Webhooks
 from .ws import websocket_endpoint
 
 logger = logging.getLogger("relay")
@@ -84,11 +95,85 @@ register_url_convertor("anytext", AnyTextConvertor())
 
 
 async def task_route(request: Request) -> Response:
-    """`/v1/tasks/{taskId}` and `/v1/tasks/{taskId}/events`, told apart on the raw path."""
+    """`/v1/tasks/{taskId}`, `/v1/tasks/{taskId}/events` and `/v1/tasks/{taskId}/watch`, told
+    apart on the raw path."""
     raw = (request.scope.get("raw_path") or request.url.path.encode()).split(b"?", 1)[0]
+    segment = raw.decode("latin-1").removeprefix("/v1/tasks/")
+    if segment.endswith("/watch"):
+        return await task_watch(request, unquote(segment[: -len("/watch")], errors="replace"))
+    if request.method not in ("GET", "HEAD"):
+        return method_not_allowed("GET, HEAD")
     if raw.endswith(b"/events"):
         return await task_events(request)
     return await task_state(request)
+
+
+def method_not_allowed(allow: str) -> Response:
+    return PlainTextResponse("Method Not Allowed", status_code=405, headers={"Allow": allow})
+
+
+def api_refusal(request: Request) -> Response | None:
+    """`401` unless the request carries `Authorization: Bearer <RELAY_API_KEY>` (server API)."""
+    key = relay_of(request).settings.api_key
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if (
+        key is not None
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(given.strip().encode(), key.encode())
+    ):
+        return None
+    message = (
+        "the server API is off (RELAY_API_KEY is not set)"
+        if key is None
+        else "the server API needs Authorization: Bearer <RELAY_API_KEY>"
+    )
+    response = error_response(401, ErrorCode.UNAUTHORIZED, message)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def store_unavailable(exc: Exception) -> Response:
+    logger.warning("watch store unavailable: %s", exc)
+    return error_response(
+        503, ErrorCode.INTERNAL_ERROR, "the relay cannot reach its store of watches; retry"
+    )
+
+
+async def task_watch(request: Request, task_id: str) -> Response:
+    """`POST` (watch) and `DELETE` (cancel) `/v1/tasks/{taskId}/watch`: the server API."""
+    if request.method not in ("POST", "DELETE"):
+        return method_not_allowed("POST, DELETE")
+    refusal = api_refusal(request)
+    if refusal is not None:
+        return refusal
+    if not is_valid_task_id(task_id):
+        return error_response(400, ErrorCode.INVALID_TASK_ID, invalid_task_id_message(task_id))
+    watches = relay_of(request).watches
+    assert watches is not None  # made whenever the API key is set
+    try:
+        if request.method == "DELETE":
+            await watches.cancel(task_id)
+            return Response(status_code=204)
+        watch = await watches.watch(task_id)
+    except Exception as exc:
+        return store_unavailable(exc)
+    if watch is None:
+        return overloaded_response(OVERLOADED_MESSAGE)
+    return JSONResponse(watch.public(), status_code=202)
+
+
+async def list_watches(request: Request) -> Response:
+    """`GET /v1/watches`: every watch (in cluster mode, the cluster's)."""
+    refusal = api_refusal(request)
+    if refusal is not None:
+        return refusal
+    watches = relay_of(request).watches
+    assert watches is not None
+    try:
+        listed = await watches.list()
+    except Exception as exc:
+        return store_unavailable(exc)
+    return JSONResponse({"watches": [watch.public() for watch in listed]})
 
 
 async def healthz(request: Request) -> Response:
@@ -102,8 +187,30 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-def create_app(settings: Settings) -> Starlette:
-    """Build the relay; the upstream client, hub and loops start and stop with its lifespan."""
+async def open_store(settings: Settings) -> WatchStore:
+    """Where watches and undelivered webhooks are kept: Redis in a cluster, else SQLite."""
+    if settings.redis_url is not None:
+        from .redis_backend import RedisWatchStore
+
+        return RedisWatchStore(settings.redis_url, settings.lease_ttl)
+    directory = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+    try:
+        store = await SqliteStore.open(directory)
+    except DataDirInUse as exc:
+        logger.error("%s", exc)
+        raise
+    except (OSError, sqlite3.Error) as exc:
+        logger.error("cannot open the data directory %s: %s", directory, exc)
+        raise
+    logger.info("watches and undelivered webhooks are kept in %s", directory)
+    return store
+
+
+def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) -> Starlette:
+    """Build the relay; the upstream client, hub and loops start and stop with its lifespan.
+
+    `webhook_retry` replaces the webhooks' retry schedule (tests use a faster one).
+    """
     metrics = Metrics()
     simulator = Simulator() if settings.simulated else None
 
@@ -151,12 +258,46 @@ def create_app(settings: Settings) -> Starlette:
         )
         metrics.watch(upstream.budget, hub)
         lookup = StateLookup(upstream)
-        app.state.relay = Relay(settings, hub, backend, upstream, metrics, lookup)
+        store: WatchStore | None = None
+        watches: Watches | None = None
+        webhooks: Webhooks | None = None
+        if settings.api_key is not None or settings.webhook_url is not None:
+            store = await open_store(settings)
+            if settings.webhook_url is not None and settings.webhook_secret is not None:
+                webhooks = Webhooks(
+                    store,
+                    settings.webhook_url,
+                    settings.webhook_secret,
+                    policy=webhook_retry,
+                    on_attempt=metrics.webhook_attempt,
+                )
+            watches = Watches(
+                hub,
+                store,
+                ttl=settings.watch_ttl,
+                events=settings.webhook_events,
+                max_loops=settings.max_loops,
+                interval=min(1.0, backend.check_interval),
+                notify=webhooks.wake if webhooks is not None else None,
+                backlogged=webhooks.backlogged if webhooks is not None else lambda: False,
+            )
+            metrics.watch_webhooks(watches, webhooks)
+        app.state.relay = Relay(settings, hub, backend, upstream, metrics, lookup, watches=watches)
         backend.start(hub.receive)
+        if webhooks is not None:
+            webhooks.start()
+        if watches is not None:
+            watches.start()
         try:
             yield
         finally:
+            if watches is not None:
+                await watches.close()
             await hub.close()
+            if webhooks is not None:
+                await webhooks.close()
+            if store is not None:
+                await store.close()
             await lookup.close()
             await backend.close()
             await http.aclose()
@@ -165,7 +306,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/", index),
         Route("/healthz", healthz),
         Route("/metrics", metrics.endpoint),
-        Route("/v1/tasks/{rest:anytext}", task_route),
+        Route("/v1/tasks/{rest:anytext}", task_route, methods=["GET", "HEAD", "POST", "DELETE"]),
+        Route("/v1/watches", list_watches),
         Route("/v1/events", many_task_events),
         WebSocketRoute("/v1/ws", websocket_endpoint),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),

@@ -133,7 +133,22 @@ def boolean(raw: str) -> bool:
     raise ValueError(f"must be 1 or 0 (true or false), got {raw!r}")
 
 
+def api_key(raw: str) -> str:
+    if len(raw.strip()) < 16:
+        raise ValueError("must be at least 16 characters")
+    return raw.strip()
+
+
+def webhook_secret(raw: str) -> str:
+    # Imported here: config.py is read before anything else and needs nothing of the relay.
+    from .webhooks import decode_secret
+
+    decode_secret(raw)
+    return raw.strip()
+
+
 BOOLEAN = "{0,1}"
+WEBHOOK_EVENTS = OneOf(("end", "all"))
 SIGNING = OneOf(("apigw", "none"))
 LOG_LEVELS = OneOf(LEVELS)
 LOG_FORMATS = OneOf(FORMATS)
@@ -415,6 +430,59 @@ class Settings:
         positive_int,
         "poll loops per process; subscriptions that need one more get overloaded",
     )
+    api_key: str | None = setting(
+        None,
+        "RELAY_API_KEY",
+        None,
+        "KEY",
+        api_key,
+        "bearer key of the server-to-server API (watches), at least 16 characters",
+        unset="server API off",
+        secret=True,
+    )
+    webhook_url: str | None = setting(
+        None,
+        "RELAY_WEBHOOK_URL",
+        "--webhook-url",
+        "URL",
+        url("http", "https"),
+        "where events of watched tasks are POSTed; needs RELAY_WEBHOOK_SECRET",
+        unset="no webhooks",
+    )
+    webhook_secret: str | None = setting(
+        None,
+        "RELAY_WEBHOOK_SECRET",
+        None,
+        "SECRET",
+        webhook_secret,
+        "Standard Webhooks secret (whsec_ and base64) that signs webhooks: never logged",
+        secret=True,
+    )
+    webhook_events: str = setting(
+        "end",
+        "RELAY_WEBHOOK_EVENTS",
+        "--webhook-events",
+        WEBHOOK_EVENTS.metavar,
+        WEBHOOK_EVENTS,
+        "events of watched tasks sent: their end, or all (every change too)",
+    )
+    watch_ttl: float = setting(
+        21_600.0,
+        "RELAY_WATCH_TTL",
+        "--watch-ttl",
+        "SECONDS",
+        positive_float,
+        "seconds a server-held watch lasts at most",
+    )
+    data_dir: str | None = setting(
+        None,
+        "RELAY_DATA_DIR",
+        "--data-dir",
+        "DIR",
+        text,
+        "single-process store (SQLite) of watches and undelivered webhooks",
+        unset="$XDG_DATA_HOME/comfy-relay or ~/.local/share/comfy-relay",
+    )
     log_level: str = setting(
         "info",
         "RELAY_LOG_LEVEL",
@@ -493,5 +561,9 @@ def load_settings(
         raise ConfigError(
             f"--workers {workers} needs --upstream (RELAY_UPSTREAM_URL): an embedded simulator"
             " would know only the tasks started on its own worker"
+        )
+    if values.get("webhook_url") and not values.get("webhook_secret"):
+        raise ConfigError(
+            "RELAY_WEBHOOK_URL needs RELAY_WEBHOOK_SECRET: webhooks are always signed"
         )
     return Settings(**values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -14,6 +15,11 @@ from starlette.responses import Response
 
 from .budget import RateBudget
 from .hub import Hub
+from .webhooks import OUTCOMES, Outcome
+
+if TYPE_CHECKING:
+    from .watches import Watches
+    from .webhooks import Webhooks
 
 
 class PushedMessages(Collector):
@@ -106,6 +112,29 @@ class Metrics:
             registry=self.registry,
         )
         self.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks()))
+        self.watches = Gauge(
+            "relay_watches",
+            "Server-held watches this process holds (in cluster mode: has claimed)",
+            registry=self.registry,
+        )
+        self.webhook_deliveries = Counter(
+            "relay_webhook_deliveries",
+            "Webhook delivery attempts, by outcome (delivered, retrying, rejected, abandoned)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhooks_pending = Gauge(
+            "relay_webhooks_pending",
+            "Webhook events stored and not yet delivered (in cluster mode: the cluster's)",
+            registry=self.registry,
+        )
+        self.webhooks_oldest = Gauge(
+            "relay_webhooks_oldest_pending_seconds",
+            "Age of the oldest undelivered webhook event; 0 when none waits",
+            registry=self.registry,
+        )
+        for delivery in OUTCOMES:
+            self.webhook_deliveries.labels(delivery)
         # Bound once: looking a label up costs more than the increment.
         self._subscribers = {t: self.subscribers.labels(t) for t in ("sse", "ws")}
         for outcome in ("ok", "not_found", "unauthorized", "error"):
@@ -118,6 +147,17 @@ class Metrics:
         self.backing_off.set_function(lambda: hub.backing_off)
         self.tasks.set_function(lambda: hub.task_count)
         self.messages.hub = hub
+
+    def watch_webhooks(self, watches: Watches | None, webhooks: Webhooks | None) -> None:
+        """Read the watch and outbox gauges when scraped."""
+        if watches is not None:
+            self.watches.set_function(lambda: watches.count)
+        if webhooks is not None:
+            self.webhooks_pending.set_function(lambda: webhooks.pending)
+            self.webhooks_oldest.set_function(lambda: webhooks.oldest_age)
+
+    def webhook_attempt(self, outcome: Outcome) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
 
     def upstream_call(self, outcome: str, seconds: float) -> None:
         self.upstream_calls.labels(outcome).inc()

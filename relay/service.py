@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .protocol import ErrorCode, invalid_task_id_message, is_valid_task_id
 from .tokens import grant
 from .upstream import TaskNotFound, UpstreamClient
+from .watches import Watches
 
 OVERLOADED_MESSAGE = "the relay watches as many tasks as it can; retry later"
 
@@ -89,6 +90,8 @@ class Relay:
     metrics: Metrics
     lookup: StateLookup
     rng: random.Random = field(default_factory=random.Random)
+    # Server-held watches: None unless the server API or webhooks are configured.
+    watches: Watches | None = None
 
     def refuse(self, task_id: str, token: object) -> Refusal | None:
         """Why a request about this task may not be answered at all (bad ID, no access)."""

@@ -53,7 +53,7 @@ def test_each_setting_is_declared_once_on_its_field() -> None:
         assert getattr(defaults, option.name) == option.default, option.name
         assert option.help and option.metavar and "VALUE" not in option.metavar, option.name
     secret = {option.name for option in OPTIONS if option.secret}
-    assert secret == {"access_key_secret", "token_secret"}
+    assert secret == {"access_key_secret", "token_secret", "api_key", "webhook_secret"}
     assert {f.name for f in fields(Settings) if not f.repr} == secret
     settings = Settings(access_key_secret="ak-secret", token_secret="t" * 32)
     assert settings.secrets == ("ak-secret", "t" * 32)
