@@ -6,20 +6,22 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .origins import origin_allowed
 from .protocol import ErrorCode, Event, dumps, error_data, invalid_task_id_message, is_valid_task_id
 from .service import Delivered, Refusal, Relay, relay_of
-from .subscriber import Cursor, Subscriber
-from .workarounds import drop_connection, websocket_receive
+from .subscriber import Cursor, Subscriber, monotonic, watchdog_of
+from .workarounds import notify_messages, release_handshake, server_send, transport_of
 
 logger = logging.getLogger("relay.ws")
 
 MAX_PENDING_REPLIES = 64
+NO_MESSAGES: list[Message] = []  # never filled
 MAX_SEQ = (1 << 63) - 1
 
 
@@ -80,46 +82,99 @@ def parse_message(text: str) -> ClientMessage:
 
 
 class Connection:
-    """One accepted socket: a reader for client messages, a sender for everything outgoing."""
+    """One accepted socket, served by one task that wakes only when it has something to do.
 
-    def __init__(self, websocket: WebSocket, relay: Relay) -> None:
-        self.websocket = websocket
+    The task sleeps until its subscriber is woken: by a change in a task it watches, by
+    a message from the client (the server calls back when one arrives, see
+    `workarounds.notify_messages`), or by the watchdog. It then reads what the client
+    sent, which returns at once, and sends each frame as it is made: no reader task, no
+    list of frames per wake-up, no timer per send. The relay's `Watchdog` resets the
+    connection of a client whose send has been stuck for `send_timeout`, which ends the
+    send, and closes the subscriber when the server begins to exit. Where the server
+    hides its message queue, a second task reads and hands the messages over.
+    """
+
+    __slots__ = ("cursors", "hub", "inbox", "receive", "relay", "replies", "send", "subscriber")
+
+    def __init__(self, relay: Relay, receive: Receive, send: Send) -> None:
         self.relay = relay
         self.hub = relay.hub
-        self.send_timeout = relay.settings.send_timeout
+        self.receive = receive
+        self.send = send
         self.subscriber = Subscriber("ws")
         self.cursors: dict[str, Cursor] = {}
-        self.replies: deque[str] = deque()
+        self.replies: list[str] | None = None  # made for the first reply: most sockets have none
+        self.inbox: list[Message] | None = None  # with a reader task only
 
-    async def run(self) -> None:
-        """Serve the socket until the client leaves, the server closes, or a send times out."""
-        reader = asyncio.create_task(self.receive_forever())
-        sender = asyncio.create_task(self.send_forever())
-        try:
-            done, _ = await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            reader.cancel()
-            sender.cancel()
-            await asyncio.gather(reader, sender, return_exceptions=True)
-            for cursor in self.cursors.values():
-                self.hub.unsubscribe(cursor)
-            self.cursors.clear()
-        for task in done:
-            task.result()
+    def close(self) -> None:
+        """Let go of every subscription (the socket is done)."""
+        for cursor in self.cursors.values():
+            self.hub.unsubscribe(cursor)
+        self.cursors.clear()
 
-    async def receive_forever(self) -> None:
+    async def read_into_inbox(self) -> None:
+        """For servers that hide their queue: read the client's messages and wake the sender."""
+        inbox = self.inbox = []
         while True:
-            message = await self.websocket.receive()
+            message = await self.receive()
+            inbox.append(message)
+            self.subscriber.poke()
             if message["type"] == "websocket.disconnect":
                 return
-            text = message.get("text")
-            if text is None:
-                self.reply(ClientError(ErrorCode.BAD_REQUEST, "send JSON text frames").reply())
-                continue
-            try:
-                await self.handle(parse_message(text))
-            except ClientError as error:
-                self.reply(error.reply())
+
+    async def serve(self, waiting: Callable[[], bool] | None) -> None:
+        """Serve the socket until the client leaves, the server closes, or a send is stuck."""
+        subscriber = self.subscriber
+        cursors = self.cursors
+        receive = self.receive
+        send = self.send
+        while True:
+            waiter = subscriber.waiter()
+            if waiter is not None:
+                await waiter
+            dirty = subscriber.take()
+            inbox = self.inbox if self.inbox is not None else NO_MESSAGES
+            while waiting() if waiting is not None else inbox:
+                # A message is waiting: receive() returns it at once.
+                if not await self.take(await receive() if waiting is not None else inbox.pop(0)):
+                    return
+            if subscriber.gone or subscriber.closing:
+                return
+            sent = 0
+            if self.replies:
+                replies, self.replies = self.replies, None
+                for reply in replies:
+                    subscriber.sending_since = monotonic()
+                    await send({"type": "websocket.send", "text": reply})
+                sent += len(replies)
+            for cursor in dirty:
+                task_id = cursor.task.task_id
+                if cursors.get(task_id) is not cursor:
+                    continue  # unsubscribed since it was marked
+                for event in cursor.task.catch_up(cursor):
+                    subscriber.sending_since = monotonic()
+                    await send({"type": "websocket.send", "text": event.ws})
+                    sent += 1
+                if cursor.done and cursors.get(task_id) is cursor:
+                    del cursors[task_id]
+                    self.hub.unsubscribe(cursor)
+            subscriber.sending_since = 0.0
+            if sent:
+                self.hub.pushed("ws", sent)
+
+    async def take(self, message: Message) -> bool:
+        """Act on one message from the client (False: it left); replies go out next."""
+        if message["type"] == "websocket.disconnect":
+            return False
+        text = message.get("text")
+        if text is None:
+            self.reply(ClientError(ErrorCode.BAD_REQUEST, "send JSON text frames").reply())
+            return True
+        try:
+            await self.handle(parse_message(text))
+        except ClientError as error:
+            self.reply(error.reply())
+        return True
 
     async def handle(self, message: ClientMessage) -> None:
         task_id = message.task_id
@@ -147,52 +202,65 @@ class Connection:
             self.cursors[task_id] = self.hub.subscribe(task_id, self.subscriber, message.last_seq)
 
     def reply(self, text: str) -> None:
-        if len(self.replies) >= MAX_PENDING_REPLIES:
-            self.replies.popleft()
+        if self.replies is None:
+            self.replies = []
+        elif len(self.replies) >= MAX_PENDING_REPLIES:
+            del self.replies[0]
         self.replies.append(text)
         self.subscriber.poke()
 
-    async def send_forever(self) -> None:
-        while True:
-            dirty = await self.subscriber.changed()
-            if self.subscriber.closing:
-                return
-            frames = list(self.replies)
-            self.replies.clear()
-            for cursor in dirty:
-                if self.cursors.get(cursor.task.task_id) is not cursor:
-                    continue
-                for event in cursor.pending():
-                    frames.append(event.ws)
-                if cursor.done:
-                    del self.cursors[cursor.task.task_id]
-                    self.hub.unsubscribe(cursor)
-            self.hub.pushed("ws", len(frames))
-            for frame in frames:
-                async with asyncio.timeout(self.send_timeout):
-                    await self.websocket.send_text(frame)
+
+class WebSocketEndpoint:
+    """`WS /v1/ws`, as a plain ASGI app.
+
+    Not a `func(websocket)` endpoint: Starlette wraps those in `websocket_session` and
+    its exception handling, three more frames and two closures held by every open
+    socket for its whole life, and a call more per message sent. Once the socket is
+    accepted, it keeps nothing of the handshake (Starlette's `WebSocket`, the request
+    headers, uvicorn's handshake objects): a socket lives for hours, idle most of them.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        relay = relay_of(websocket)
+        settings = relay.settings
+        if not origin_allowed(websocket.headers, settings.allowed_origins):
+            # Closing before accept makes the server answer the upgrade with 403.
+            await websocket.close(code=1008)
+            return
+        try:
+            await websocket.accept()
+        except (OSError, WebSocketDisconnect):
+            return  # gone before the handshake completed
+        del websocket
+        scope["headers"] = []  # read only for the Origin check; a kilobyte per socket
+        release_handshake(receive)
+        # Accepted: messages go straight to the server, past Starlette's exception handling.
+        connection = Connection(relay, receive, server_send(receive) or send)
+        subscriber = connection.subscriber
+        waiting = notify_messages(receive, subscriber.poke)
+        reader = None if waiting is not None else asyncio.create_task(connection.read_into_inbox())
+        # Served from a task of its own: a task's every wake-up resumes each frame of its
+        # stack, and this one's is uvicorn's and Starlette's, a dozen frames deep.
+        serving = asyncio.create_task(connection.serve(waiting))
+        watchdog = watchdog_of(
+            relay.hub, ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
+        )
+        watchdog.watch(subscriber, transport_of(receive), serving)
+        try:
+            await serving
+        except OSError:
+            return  # the client left, or its connection was reset (a stuck send)
+        finally:
+            watchdog.forget(subscriber)
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            connection.close()
+        if subscriber.closing and not subscriber.gone:
+            with contextlib.suppress(OSError):
+                # Service restart: come back soon.
+                await send({"type": "websocket.close", "code": 1012, "reason": ""})
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    """`WS /v1/ws`"""
-    relay = relay_of(websocket)
-    if not origin_allowed(websocket.headers, relay.settings.allowed_origins):
-        # Closing before accept makes the server answer the upgrade with 403.
-        await websocket.close(code=1008)
-        return
-    await websocket.accept()
-    connection = Connection(websocket, relay)
-    try:
-        await connection.run()
-    except WebSocketDisconnect:
-        return
-    except TimeoutError:
-        # A close frame would wait behind everything the client did not read: reset instead.
-        logger.info("dropping a WebSocket client that stopped reading")
-        if not drop_connection(websocket_receive(websocket)):
-            with contextlib.suppress(TimeoutError, WebSocketDisconnect):
-                async with asyncio.timeout(1):
-                    await websocket.close(code=1008)
-        return
-    if connection.subscriber.closing:
-        await websocket.close(code=1012)  # service restart: come back soon
+websocket_endpoint = WebSocketEndpoint()

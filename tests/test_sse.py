@@ -1,7 +1,12 @@
 import asyncio
+import socket
+import struct
 import time
 
 import httpx
+import pytest
+
+from relay.subscriber import watchdog_of
 
 from .clients import Watcher, sse_events, wait_for, watch_sse
 from .conftest import RelayFactory, SimulatedUpstream
@@ -140,3 +145,88 @@ async def test_garbage_last_event_id_is_ignored(
             assert event.event == "snapshot"
             break
     await wait_for(lambda: relay.app.state.relay.hub.subscriber_count == 0)
+
+
+async def test_head_gets_the_headers_and_no_stream(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    task_id = upstream.start_task(queue=5, duration=5)
+    response = await asyncio.wait_for(http.head(f"{relay.url}/v1/tasks/{task_id}/events"), 5)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.content == b""
+    hub = relay.app.state.relay.hub
+    assert hub.subscriber_count == 0 and hub.loop_count == 0
+    assert upstream.calls(task_id) == 0
+
+
+async def open_stream(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw HTTP/1.1 stream, read up to its first event."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    await writer.drain()
+    while b"event: snapshot" not in await asyncio.wait_for(reader.readline(), 5):
+        pass
+    return reader, writer
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_vanished_client_is_released_within_the_ping_interval(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, how: str
+) -> None:
+    relay = make_relay(ping_interval=1.0)
+    hub = relay.app.state.relay.hub
+    task_id = upstream.start_task(queue=30, duration=30)  # waiting: nothing to send for a while
+    streams = [await open_stream(relay.port, f"/v1/tasks/{task_id}/events") for _ in range(3)]
+    await wait_for(lambda: hub.subscriber_count == 3)
+    _, writer = streams.pop()
+    if how == "reset":
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    gone = time.monotonic()
+    await wait_for(lambda: hub.subscriber_count == 2, timeout=5, interval=0.01)
+    assert time.monotonic() - gone < 1.0, "not released within the ping interval"
+    for _, other in streams:
+        other.close()
+    await wait_for(lambda: hub.subscriber_count == 0, timeout=5)
+
+
+async def test_server_exit_sends_a_retry_hint_and_ends_every_stream_at_once(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    hub = relay.app.state.relay.hub
+    task_id = upstream.start_task(queue=30, duration=30)
+    streams = [await open_stream(relay.port, f"/v1/tasks/{task_id}/events") for _ in range(2)]
+    many = await open_stream(relay.port, f"/v1/events?taskId={task_id}&taskId=other")
+    settings = relay.app.state.relay.settings
+    watchdog = watchdog_of(
+        hub, ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
+    )
+    # What the watchdog reads from uvicorn's signal handler when SIGTERM comes; a server in a
+    # thread has no handler (tests/test_app.py sends the real signal to a relay process).
+    watchdog.exiting = lambda: True
+    started = time.monotonic()
+    for reader, _ in [*streams, many]:
+        # To the last chunk of the response (the connection itself may stay open).
+        rest = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 2)
+        assert b"retry: " in rest, rest
+    assert time.monotonic() - started < 1.0
+    await wait_for(lambda: hub.subscriber_count == 0)
+    for _, writer in [*streams, many]:
+        writer.close()
+
+
+async def test_a_stream_is_one_task_waiting_and_one_sending(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    def tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    task_id = upstream.start_task(queue=30, duration=30)
+    first = await open_stream(relay.port, f"/v1/tasks/{task_id}/events")
+    before = relay.call(tasks)
+    streams = [await open_stream(relay.port, f"/v1/tasks/{task_id}/events") for _ in range(10)]
+    assert relay.call(tasks) - before == 2 * 10  # sse-starlette's was 5 a stream
+    for _, writer in [first, *streams]:
+        writer.close()

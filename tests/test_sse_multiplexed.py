@@ -1,15 +1,18 @@
 """`GET /v1/events`: one SSE stream for many tasks, and resuming it."""
 
 import asyncio
+import random
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 
+from relay.config import Settings
 from relay.hub import Hub, TaskHub
 from relay.poll_loop import LoopSignal
-from relay.sse import multiplexed_frame, parse_stream_id, stream_events
-from relay.subscriber import Subscriber
+from relay.sse import EventStream, multiplexed_frame, parse_stream_id
 
-from .clients import SSEEvent, Watcher, sse_events
+from .clients import SSEEvent, Watcher, sse_events, wait_for
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ProcessServer, ThreadServer
 
@@ -128,20 +131,35 @@ async def test_each_frame_of_a_many_task_stream_claims_only_what_was_sent_before
         await signal.sleep(60)
 
     hub = Hub(idle, linger=1.0, ended_ttl=1.0)
-    body = stream_events(hub, Subscriber("sse"), [("a", None), ("b", None)], multiplexed_frame)
+    relay = SimpleNamespace(hub=hub, settings=Settings(), rng=random.Random(0))
+    chunks: list[bytes] = []
+    left = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body"):
+            chunks.append(message["body"])
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    stream = EventStream(relay, [("a", None), ("b", None)], multiplexed_frame)  # type: ignore[arg-type]
+    serving = asyncio.create_task(stream({"type": "http", "method": "GET"}, receive, send))
     try:
-        snapshots = asyncio.ensure_future(anext(body))
         await asyncio.sleep(0.01)  # the stream subscribes and waits
         for task_id in ("a", "b"):
             hub.get(task_id).publish({"status": "running", "progress": 0.1})
-        await snapshots
+        await wait_for(lambda: len(chunks) == 1, timeout=5)
         for task_id in ("a", "b"):
             hub.get(task_id).publish({"status": "running", "progress": 0.2})
-        chunk = (await anext(body)).decode()
+        await wait_for(lambda: len(chunks) == 2, timeout=5)
+        chunk = chunks[1].decode()
         a, b = hub.get("a").seq, hub.get("b").seq
     finally:
-        await body.aclose()
+        left.set()  # the client leaves: the stream ends
+        await asyncio.wait_for(serving, 5)
         await hub.close()
+    assert hub.subscriber_count == 0
     ids = [parse_stream_id(line[4:]) for line in chunk.splitlines() if line.startswith("id: ")]
     # Should the connection break after the first frame, the client holds b's old state.
     assert ids == [{"a": a, "b": b - 1}, {"a": a, "b": b}]

@@ -7,23 +7,38 @@ on fails here, by name, instead of in a slow-client or shutdown test.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import websockets
-from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from relay.subscriber import Subscriber
-from relay.workarounds import drop_connection, shutdown_event, websocket_receive
+from relay.workarounds import (
+    Inbox,
+    drop_connection,
+    notify_messages,
+    release_handshake,
+    server_exiting,
+    server_send,
+    transport_of,
+    websocket_receive,
+)
 
 from .clients import wait_for
-from .servers import ThreadServer
+from .servers import ROOT, ThreadServer
 
 
 class Hooks:
@@ -31,12 +46,13 @@ class Hooks:
 
     def __init__(self) -> None:
         self.dropped: list[bool] = []
-        self.subscriber = Subscriber("sse")
+        self.seen: dict[str, Any] = {}
         self.app = Starlette(
             routes=[
                 Route("/drop", self.drop),
                 Route("/stream", self.stream),
                 WebSocketRoute("/ws", self.websocket),
+                WebSocketRoute("/messages", Messages(self)),
             ]
         )
 
@@ -49,26 +65,78 @@ class Hooks:
         self.dropped.append(drop_connection(websocket_receive(websocket)))
 
     async def stream(self, request: Request) -> Response:
-        subscriber = self.subscriber
+        return Stream(self)
 
-        async def body() -> object:
-            yield {"data": "open"}
-            await subscriber.changed()
-            yield {"data": "closing" if subscriber.closing else "woken"}
 
-        return EventSourceResponse(body(), shutdown_event=shutdown_event(subscriber))
+class Stream(Response):
+    """Starts a response through Starlette, then sends the body on the server's own `send`."""
+
+    def __init__(self, hooks: Hooks) -> None:
+        self.hooks = hooks
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        transport = transport_of(receive)
+        direct = server_send(receive)
+        self.hooks.seen["transport"] = transport
+        self.hooks.seen["wrapped"] = direct is not send
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        await send(start)
+        assert direct is not None and transport is not None
+        await direct({"type": "http.response.body", "body": b"direct\n", "more_body": True})
+        # The client goes away: the transport says so, with no task listening for it.
+        await wait_for(transport.is_closing, timeout=5)
+        self.hooks.seen["closed"] = True
+
+
+class Messages:
+    """A WebSocket whose one task sleeps on a future the inbox wakes (no reader task)."""
+
+    def __init__(self, hooks: Hooks) -> None:
+        self.hooks = hooks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        await websocket.accept()
+        release_handshake(receive)
+        protocol = receive.__self__  # type: ignore[attr-defined]
+        self.hooks.seen["handshake"] = (protocol.request, protocol.response)
+        wakes: list[int] = []
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            wakes.append(1)
+            woken.set()
+
+        waiting = notify_messages(receive, wake)
+        assert waiting is not None
+        self.hooks.seen["queue"] = protocol.queue
+        received: list[Any] = []
+        while True:
+            await woken.wait()
+            woken.clear()
+            while waiting():
+                message = await receive()  # returns at once
+                received.append(message)
+                if message["type"] == "websocket.disconnect":
+                    self.hooks.seen["received"] = received
+                    self.hooks.seen["wakes"] = len(wakes)
+                    return
+                await send({"type": "websocket.send", "text": "echo " + message["text"]})
 
 
 @pytest.fixture
-def hooks() -> object:
+def hooks() -> Iterator[tuple[Hooks, ThreadServer]]:
     hooks = Hooks()
     server = ThreadServer(hooks.app).start()
     yield hooks, server
     server.stop()
 
 
-def test_drop_connection_resets_an_http_connection_served_by_uvicorn(hooks: object) -> None:
-    app, server = hooks  # type: ignore[misc]
+def test_drop_connection_resets_an_http_connection_served_by_uvicorn(
+    hooks: tuple[Hooks, ThreadServer],
+) -> None:
+    app, server = hooks
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
         client.sendall(b"GET /drop HTTP/1.1\r\nHost: x\r\n\r\n")
         try:
@@ -79,8 +147,10 @@ def test_drop_connection_resets_an_http_connection_served_by_uvicorn(hooks: obje
     assert answer == b"", "the response went out: the connection was not reset"
 
 
-async def test_drop_connection_resets_a_websocket_served_by_uvicorn(hooks: object) -> None:
-    app, server = hooks  # type: ignore[misc]
+async def test_drop_connection_resets_a_websocket_served_by_uvicorn(
+    hooks: tuple[Hooks, ThreadServer],
+) -> None:
+    app, server = hooks
     async with websockets.connect(f"{server.ws_url}/ws") as client:
         with pytest.raises(websockets.ConnectionClosedError) as closed:
             await asyncio.wait_for(client.recv(), 5)
@@ -88,17 +158,74 @@ async def test_drop_connection_resets_a_websocket_served_by_uvicorn(hooks: objec
     assert closed.value.rcvd is None, "a close frame came: the connection was not reset"
 
 
-async def test_sse_starlette_shutdown_sets_the_signal_that_closes_the_subscriber(
-    hooks: object,
+async def test_server_send_and_transport_of_an_http_stream(
+    hooks: tuple[Hooks, ThreadServer],
 ) -> None:
-    app, server = hooks  # type: ignore[misc]
+    app, server = hooks
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
-        while b"data: open" not in await asyncio.wait_for(reader.readline(), 5):
+        while b"direct" not in await asyncio.wait_for(reader.readline(), 5):
             pass
-        AppStatus.should_exit = True  # what sse-starlette's patched uvicorn exit handler sets
-        await wait_for(lambda: app.subscriber.closing, timeout=5)
     finally:
         writer.close()
+    await wait_for(lambda: app.seen.get("closed"), timeout=5)
+    assert app.seen["wrapped"], "Starlette no longer wraps send: server_send buys nothing"
+
+
+async def test_the_inbox_wakes_the_socket_task_for_each_message_and_the_disconnect(
+    hooks: tuple[Hooks, ThreadServer],
+) -> None:
+    app, server = hooks
+    async with websockets.connect(f"{server.ws_url}/messages") as client:
+        for text in ("one", "two", "three"):
+            await client.send(text)
+            assert await asyncio.wait_for(client.recv(), 5) == f"echo {text}"
+    await wait_for(lambda: "received" in app.seen, timeout=5)
+    assert isinstance(app.seen["queue"], Inbox)
+    texts = [m.get("text") for m in app.seen["received"]]
+    assert texts == ["one", "two", "three", None]
+    assert app.seen["received"][-1]["type"] == "websocket.disconnect"
+    assert app.seen["wakes"] >= 4
+    assert app.seen["handshake"] == (None, None)
+
+
+async def test_an_inbox_get_waits_for_the_next_put() -> None:
+    inbox = Inbox(lambda: None)
+    getting = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    assert not getting.done() and inbox.empty()
+    inbox.put_nowait({"type": "websocket.receive", "text": "x"})
+    assert await asyncio.wait_for(getting, 1) == {"type": "websocket.receive", "text": "x"}
+    assert inbox.empty() and not inbox.waiting()
+
+
+def test_server_exiting_reads_the_flag_of_uvicorns_signal_handler() -> None:
+    """In a process of its own: sse-starlette, imported by the tests, replaces the handler."""
+    script = textwrap.dedent(
+        """
+        import json, uvicorn
+        from relay.workarounds import server_exiting
+
+        server = uvicorn.Server(uvicorn.Config(app=None))
+        seen = [server_exiting()]
+        with server.capture_signals():
+            seen.append(server_exiting())
+            server.should_exit = True  # what uvicorn's handle_exit does on SIGTERM
+            seen.append(server_exiting())
+        print(json.dumps(seen))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [False, False, True]
+
+
+def test_server_exiting_reads_sse_starlettes_flag_where_it_replaced_the_handler() -> None:
+    assert not server_exiting()
+    AppStatus.should_exit = True  # what sse-starlette's patched handle_exit sets
+    assert server_exiting()

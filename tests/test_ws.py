@@ -1,10 +1,13 @@
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
+
+from relay.subscriber import watchdog_of
 
 from .clients import wait_for, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
@@ -146,3 +149,60 @@ async def test_permessage_deflate_is_off_unless_asked_for(
             assert ("permessage-deflate" in extensions) is deflate
     finally:
         relay.stop()
+
+
+async def test_a_vanished_client_is_released_at_once(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    hub = relay.app.state.relay.hub
+    task_id = upstream.start_task(queue=30, duration=30)
+    socket = await websockets.connect(f"{relay.ws_url}/v1/ws")
+    await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+    assert (await recv(socket))["type"] == "snapshot"
+    await wait_for(lambda: hub.subscriber_count == 1)
+    socket.transport.abort()  # no close frame: the client just vanishes
+    gone = time.monotonic()
+    await wait_for(lambda: hub.subscriber_count == 0, timeout=5, interval=0.01)
+    assert time.monotonic() - gone < 1.0
+
+
+async def test_server_exit_closes_every_socket_with_1012(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    hub = relay.app.state.relay.hub
+    task_id = upstream.start_task(queue=30, duration=30)
+    sockets = [await websockets.connect(f"{relay.ws_url}/v1/ws") for _ in range(3)]
+    for socket in sockets:
+        await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        assert (await recv(socket))["type"] == "snapshot"
+    settings = relay.app.state.relay.settings
+    watchdog = watchdog_of(
+        hub, ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
+    )
+    watchdog.exiting = lambda: True  # as when uvicorn's signal handler is told to exit
+    for socket in sockets:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), 2)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    await wait_for(lambda: hub.subscriber_count == 0)
+
+
+async def test_a_socket_is_one_task_waiting_and_one_serving(
+    relay: ThreadServer, upstream: SimulatedUpstream
+) -> None:
+    def tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    async def subscribed() -> Any:
+        socket = await websockets.connect(f"{relay.ws_url}/v1/ws")
+        await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
+        assert (await recv(socket))["type"] == "snapshot"
+        return socket
+
+    task_id = upstream.start_task(queue=30, duration=30)
+    first = await subscribed()  # and the task's poll loop
+    before = relay.call(tasks)
+    sockets = [await subscribed() for _ in range(10)]
+    assert relay.call(tasks) - before == 2 * 10  # with a reader and a sender, it was 3
+    for socket in [first, *sockets]:
+        await socket.close()
