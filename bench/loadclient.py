@@ -2,7 +2,8 @@
 
 SSE connections are raw asyncio streams (`asyncio.open_connection`): one GET, then the body
 is only scanned for `data:` lines, which is as cheap as a load client gets in Python.
-WebSocket connections use aiohttp's client. With `--latency`, every event's `sentAt` field
+WebSocket connections use aiohttp's client, and subscribe with a message unless the path names
+the task (`{task}`, as nginx + nchan takes it). With `--latency`, every event's `sentAt` field
 (the upstream's send time, `time.time()`) is compared with the time the read returned.
 
 Commands, one per line on stdin, each answered by one JSON line on stdout:
@@ -148,7 +149,7 @@ class Client:
         await self.connect_slots.acquire()
         try:
             ws = await self.session.ws_connect(
-                self.args.url.replace("http", "ws", 1) + self.args.path,
+                self.args.url.replace("http", "ws", 1) + self.args.path.format(task=task_id),
                 max_msg_size=1 << 20,
                 autoping=True,
             )
@@ -157,7 +158,8 @@ class Client:
             self.connect_slots.release()
             return
         try:
-            await ws.send_str(json.dumps({"type": "subscribe", "taskId": task_id}))
+            if "{task}" not in self.args.path:  # else the URL names the task (nchan)
+                await ws.send_str(json.dumps({"type": "subscribe", "taskId": task_id}))
             latency = self.args.latency
             async for message in ws:
                 if message.type is not aiohttp.WSMsgType.TEXT:

@@ -13,7 +13,9 @@ its bare-ASGI stream (`raw`, without sse-starlette).
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -29,10 +31,13 @@ from .common import (
     summary,
     table,
 )
+from .nchan import available as nchan_available
+from .nchan import start_nchan
 
 TARGET_KIB = 20.0
 SSE_PATH = "/v1/tasks/{task}/events"
 RAW_PATH = "/raw/v1/tasks/{task}/events"
+NCHAN_PATHS = {"sse": SSE_PATH, "ws": "/ws/{task}"}
 SETTLE = 2.0
 
 
@@ -47,11 +52,19 @@ def settled_rss(server: Server) -> int:
 
 def run_one(kind: str, transport: str, levels: list[int], upstream: Server) -> dict[int, int]:
     """RSS in KiB at each subscriber count (0 included), on one fresh server."""
-    server = start_relay(upstream.url, 1.0) if kind == "relay" else start_minimal(0)
-    path = RAW_PATH if kind == "raw" else SSE_PATH
+    server: Server
+    if kind == "relay":
+        server = start_relay(upstream.url, 1.0)
+    elif kind == "nchan":
+        server = start_nchan(0, transport, "idle-mem")
+    else:
+        server = start_minimal(0)
+    path = {"raw": RAW_PATH, "nchan": NCHAN_PATHS[transport]}.get(kind, SSE_PATH)
     loads: list[LoadGroup] = []
     try:
-        warm = LoadGroup(server.url, transport, [("idle-warm", 100)], path=path)
+        # nchan's subscribers are ready once served the channel's one message.
+        warm_task = "idle-mem" if kind == "nchan" else "idle-warm"
+        warm = LoadGroup(server.url, transport, [(warm_task, 100)], path=path)
         warm.wait_ready()
         warm.stop()
         time.sleep(1.0)  # past the relay's 2 s linger, with SETTLE
@@ -70,11 +83,25 @@ def run_one(kind: str, transport: str, levels: list[int], upstream: Server) -> d
         server.stop()
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that every `finally` stops its servers and clients."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main() -> None:
+    stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", default="1000,5000,10000", help="subscriber counts")
     parser.add_argument("--reps", type=int, default=2, help="fresh relays per transport")
     parser.add_argument("--quick", action="store_true", help="up to 1,000, one repetition")
+    parser.add_argument("--transports", default="sse,ws", help="sse, ws")
+    parser.add_argument("--servers", default="relay,minimal,raw", help="relay, minimal, raw")
+    parser.add_argument(
+        "--nchan",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="add nginx + nchan (bench/nchan.py) as a row; auto: where it is installed",
+    )
     args = parser.parse_args()
     if args.quick:
         args.levels, args.reps = "1000", 1
@@ -82,8 +109,13 @@ def main() -> None:
     upstream = start_fixed_upstream()
     runs: dict[tuple[str, str], list[dict[int, int]]] = {}
     try:
-        for transport in ("sse", "ws"):
-            for kind in ("relay", "minimal", "raw") if transport == "sse" else ("relay", "minimal"):
+        kinds = [k for k in args.servers.split(",") if k]
+        if args.nchan == "on" or (args.nchan == "auto" and nchan_available()):
+            kinds.append("nchan")
+        for transport in args.transports.split(","):
+            for kind in kinds:
+                if kind == "raw" and transport != "sse":
+                    continue
                 reps = args.reps if kind == "relay" else 1
                 runs[(kind, transport)] = [
                     run_one(kind, transport, levels, upstream) for _ in range(reps)
@@ -121,7 +153,9 @@ def main() -> None:
     )
     body += (
         f"\n\nRelay: median (min-max) of {args.reps} fresh relays; minimal server: one run. "
-        "raw: the minimal server's SSE stream as a bare ASGI app, without sse-starlette."
+        "raw: the minimal server's SSE stream as a bare ASGI app, without sse-starlette. "
+        "nchan: nginx with the nchan module, one worker (bench/nchan.py), its RSS with the "
+        "master's."
     )
     emit("Memory per idle subscriber", command_line(), body)
 
