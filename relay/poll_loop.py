@@ -162,8 +162,8 @@ async def poll_task(
 ) -> None:
     """Poll one task until it ends or no node wants it; follow it while another node polls.
 
-    A stop is only ever noticed between calls: cancelling an httpx request in
-    flight can leak a connection-pool slot.
+    A stop is only ever noticed between calls: a call cut off in flight loses its
+    answer, and with httpx's own transport it could leak a connection-pool slot.
     """
     task_id = task.task_id
     owner = False
