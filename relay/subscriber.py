@@ -68,12 +68,7 @@ class Subscriber:
 
     def mark(self, cursor: Cursor) -> None:
         self._dirty[cursor] = None
-        self._woken = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self.poke()
 
     def poke(self) -> None:
         """Wake the sender for something of the connection's own (a reply, a keep-alive)."""
