@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -13,7 +15,7 @@ from relay.app import create_app
 from relay.config import Settings
 from relay.simulator import Simulator
 
-from .servers import ThreadServer
+from .servers import RedisServer, ThreadServer
 
 FAST = Settings(poll_interval=0.1, linger=0.3, backoff_max=0.5, ping_interval=1.0)
 
@@ -155,3 +157,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             warnings.warn(
                 f"SLOW_TESTS in tests/conftest.py names {name}, which is gone", stacklevel=1
             )
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A real Redis: RELAY_TEST_REDIS_URL when given, else a redis-server started here."""
+    given = os.environ.get("RELAY_TEST_REDIS_URL")
+    if given:
+        import redis as redis_sync
+
+        redis_sync.Redis.from_url(given).flushdb()
+        yield given
+        return
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it)")
+    server = RedisServer().start()
+    yield server.url
+    server.stop()

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from itertools import pairwise
 from typing import Any
 
@@ -308,17 +307,6 @@ async def test_resume_across_a_relay_restart(upstream: SimulatedUpstream) -> Non
     assert all(a != b for a, b in pairwise(states))
     progress = [state["progress"] for state in states]
     assert progress == sorted(progress)
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    from .test_cluster import RedisServer
-
-    server = RedisServer().start()
-    yield server.url
-    server.stop()
 
 
 async def test_resume_across_a_cluster_relay_restart_continues_with_patches(

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,68 +24,11 @@ from relay.placement import SETTLE_LEASE_PERIODS
 
 from .clients import Watcher, wait_for, watch_sse, watch_ws
 from .conftest import SimulatedUpstream
-from .servers import ROOT, ProcessServer, free_port
+from .servers import ROOT, ProcessServer, RedisServer
 
 LEASE_TTL = 1.0
 SECRET = {"RELAY_ACCESS_KEY_SECRET": "cluster-test-secret"}
 POLL = 0.1
-
-
-class RedisServer:
-    """A throwaway redis-server on a free port, keeping nothing on disk."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        assert binary is not None
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), 0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A real Redis: RELAY_TEST_REDIS_URL when given, else a redis-server started here."""
-    given = os.environ.get("RELAY_TEST_REDIS_URL")
-    if given:
-        import redis as redis_sync
-
-        redis_sync.Redis.from_url(given).flushdb()
-        yield given
-        return
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    server = RedisServer().start()
-    yield server.url
-    server.stop()
 
 
 def start_nodes(count: int, redis: str, upstream: str, *extra: str) -> list[ProcessServer]:

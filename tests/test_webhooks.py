@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import re
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +30,6 @@ from relay.webhooks import RetryPolicy, signed_headers
 from .clients import merge_patch, wait_for, watch_sse
 from .conftest import FAST, SimulatedUpstream
 from .servers import ProcessServer, ThreadServer
-from .test_cluster import RedisServer
 
 API_KEY = "test-api-key-0123456789"
 SECRET = "whsec_" + base64.b64encode(b"webhook-test-secret-32-bytes-ok!").decode()
@@ -407,16 +405,6 @@ async def test_an_undelivered_event_survives_a_kill(
 
 
 # -- cluster --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A throwaway redis-server (as tests/test_cluster.py starts them)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it)")
-    server = RedisServer().start()
-    yield server.url
-    server.stop()
 
 
 def cluster_args(redis_url: str, upstream: str, receiver: str) -> list[str]:
