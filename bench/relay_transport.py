@@ -49,7 +49,7 @@ def patch(kind: str) -> None:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             )
             if kind == "upstream-send":
-                from relay.upstream_transport import UpstreamTransport
+                from relay.upstream.transport import UpstreamTransport
 
                 transport = UpstreamTransport(max_connections=max_connections, retries=1)
             elif kind == "httpx-aiohttp":

@@ -89,7 +89,7 @@ async def run_client(kind: str, url: str, concurrency: int, warmup: float, secon
 
         close = session.close
     elif kind == "relay-call":
-        from relay.signing import ApiGatewaySigner
+        from relay.upstream.signing import ApiGatewaySigner
         from relay.upstream import UpstreamClient, make_http_client
 
         http = make_http_client(10.0, concurrency)
@@ -103,7 +103,7 @@ async def run_client(kind: str, url: str, concurrency: int, warmup: float, secon
     elif kind == "upstream-direct":
         import httpx
 
-        from relay.upstream_transport import UpstreamTransport
+        from relay.upstream.transport import UpstreamTransport
 
         direct = UpstreamTransport(max_connections=concurrency)
         target = httpx.URL(url + PATH)
@@ -124,7 +124,7 @@ async def run_client(kind: str, url: str, concurrency: int, warmup: float, secon
     else:
         import httpx
 
-        from relay.upstream_transport import UpstreamTransport
+        from relay.upstream.transport import UpstreamTransport
 
         transport: httpx.AsyncBaseTransport
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)

@@ -21,32 +21,40 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from .backend import Backend, LocalBackend
-from .budget import RateBudget
 from .config import Settings
-from .hub import Hub, TaskHub
-from .limits import ConnectionLimit, overloaded_response
+from .hub import Hub, LoopSignal, TaskHub
+from .limits import ConnectionLimit
 from .metrics import Metrics
-from .poll_loop import LoopSignal, PollPolicy, poll_task
+from .poll_loop import PollPolicy, poll_task
 from .protocol import (
     ErrorCode,
-    error_response,
     invalid_task_id_message,
     is_valid_task_id,
     task_id_in_path,
 )
+from .responses import error_response, overloaded_response, refusal_response
 from .service import OVERLOADED_MESSAGE, Relay, StateLookup, relay_of
-from .signing import make_signer
 from .simulator import Simulator
-from .sse import many_task_events, refusal_response, task_events
+from .sse import many_task_events, task_events
 from .upstream import (
+    RateBudget,
     TaskNotFound,
     Unauthorized,
     UpstreamClient,
     UpstreamUnavailable,
     make_http_client,
+    make_signer,
 )
-from .watches import DataDirInUse, SqliteStore, Watches, WatchStore, default_data_dir
-from .webhooks import RetryPolicy, Webhooks
+from .watchdog import Watchdog
+from .watches import (
+    DataDirInUse,
+    RetryPolicy,
+    SqliteStore,
+    Watches,
+    WatchStore,
+    Webhooks,
+    default_data_dir,
+)
 from .ws import websocket_endpoint
 
 logger = logging.getLogger("relay")
@@ -190,7 +198,7 @@ async def index(request: Request) -> Response:
 async def open_store(settings: Settings) -> WatchStore:
     """Where watches and undelivered webhooks are kept: Redis in a cluster, else SQLite."""
     if settings.redis_url is not None:
-        from .redis_backend import RedisWatchStore
+        from .watches.redis_store import RedisWatchStore
 
         return RedisWatchStore(settings.redis_url, settings.lease_ttl)
     directory = Path(settings.data_dir) if settings.data_dir else default_data_dir()
@@ -241,7 +249,7 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
         backend: Backend = LocalBackend()
         if settings.redis_url is not None:
             # Imported here so that a single relay never needs redis installed.
-            from .redis_backend import RedisBackend
+            from .cluster import RedisBackend
 
             backend = RedisBackend(settings.redis_url, settings.lease_ttl, metrics)
         chosen = backend
@@ -282,7 +290,12 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
                 backlogged=webhooks.backlogged if webhooks is not None else lambda: False,
             )
             metrics.watch_webhooks(watches, webhooks)
-        app.state.relay = Relay(settings, hub, backend, upstream, metrics, lookup, watches=watches)
+        watchdog = Watchdog(
+            ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
+        )
+        app.state.relay = Relay(
+            settings, hub, backend, upstream, metrics, lookup, watchdog, watches=watches
+        )
         backend.start(hub.receive)
         if webhooks is not None:
             webhooks.start()
@@ -330,4 +343,5 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
     middleware.append(Middleware(ConnectionLimit, limit=settings.max_connections))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.simulator = simulator
+    app.state.settings = settings
     return app

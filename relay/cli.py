@@ -1,19 +1,15 @@
-"""The `relay` command: `relay serve` runs the relay, `relay simulate` the simulated upstream."""
+"""The `relay` command: `relay serve` runs the relay, `relay simulate` the simulated upstream,
+`relay token` mints access tokens and `relay watch` follows a task."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import gc
 import logging
 import os
-import select
-import signal
 import socket
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -36,17 +32,15 @@ from .config import (
 )
 from .logs import configure_logging
 from .protocol import invalid_task_id_message, is_valid_task_id
+from .server import host_port, listen, listen_each, relay_config, run
 from .tokens import SecretTooShort, check_secret, mint
+from .workers import Workers
 
-# uvicorn's WebSocket backend on websockets' Sans-I/O protocol: it stops `send` while the
-# socket's buffer is full, which is what lets the relay notice a client that stopped reading.
-WS_BACKEND = "websockets-sansio"
 # A relay holds many long-lived objects per connection. With CPython's default thresholds
 # (700, 10, 10) young collections run every few hundred allocations of the fan-out path,
 # and full collections of 10,000 connections stall every stream for over a second
 # (bench/README.md). Fewer, larger young collections; full ones still run, less often.
 GC_THRESHOLDS = (50_000, 20, 10)
-GRACEFUL_SHUTDOWN_SECONDS = 3
 
 SERVE = {option.name: option for option in OPTIONS}
 
@@ -228,252 +222,6 @@ def flag_values(args: argparse.Namespace, options: tuple[Option, ...]) -> dict[s
     return defaults | read_options(options, given(args, options), {})
 
 
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def listen(
-    host: str, port: int, port_option: Option, *, reuse_port: bool = False
-) -> list[socket.socket]:
-    """Bind the listening sockets before anything else starts.
-
-    A busy port is then one clear line, not a started server that fails; and uvicorn serves
-    these very sockets, so nothing can take the port between this check and the server.
-    `reuse_port`: sockets of a group (SO_REUSEPORT) that share the port, one per worker.
-    """
-    where = host_port(host, port)
-    sockets: list[socket.socket] = []
-    try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        # A name such as localhost can stand for an IPv4 and an IPv6 address: serve both.
-        for family, address in dict.fromkeys((info[0], info[4]) for info in found):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            # As uvicorn binds: a restart may reuse the port of connections in TIME_WAIT,
-            # and an IPv6 socket leaves the IPv4 address to its own socket.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen()
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            ways = " or ".join(filter(None, (port_option.flag, "/".join(port_option.env))))
-            raise ConfigError(
-                f"{where} is already in use: choose another port with {ways}"
-            ) from None
-        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
-    return sockets
-
-
-def run(config: uvicorn.Config, sockets: list[socket.socket]) -> bool:
-    """Serve until a signal; False when the app did not start (its lifespan failed)."""
-    # uvicorn.Server handles SIGINT and SIGTERM as uvicorn.run does, and closes the sockets.
-    server = uvicorn.Server(config)
-    server.run(sockets=sockets)
-    return bool(server.started)
-
-
-def listen_each(host: str, port: int, port_option: Option, count: int) -> list[list[socket.socket]]:
-    """A set of listening sockets per worker, all on one port: SO_REUSEPORT lets the kernel
-    spread new connections over them, and a worker's death takes only its own socket away.
-
-    The port is first bound without SO_REUSEPORT, so that a port any other socket holds
-    (even another relay's group) is still one clear line.
-    """
-    probe = listen(host, port, port_option)
-    port = probe[0].getsockname()[1]
-    for sock in probe:
-        sock.close()
-    return [listen(host, port, port_option, reuse_port=True) for _ in range(count)]
-
-
-# uvicorn's exit status when an app's startup fails; a worker that cannot start stops them all.
-STARTUP_FAILURE = 3
-# How long workers get to close their streams, stop their loops and release their leases
-# after SIGTERM before the parent kills what is left.
-WORKER_EXIT_SECONDS = GRACEFUL_SHUTDOWN_SECONDS + 5
-RESTART_DELAY_MAX = 30.0
-
-
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when its parent dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-class Workers:
-    """`relay serve --workers N`: N forked processes serving one port, each a cluster node.
-
-    Each worker serves its own SO_REUSEPORT socket and runs the whole relay (its own
-    backend, with its own node ID). The parent only forks, forwards SIGTERM and SIGINT
-    (as SIGTERM: the workers run in their own process group, so a terminal's Ctrl-C reaches
-    the parent alone and each worker shuts down once, gracefully), restarts a worker that
-    died, and exits once they all have: within WORKER_EXIT_SECONDS, or it kills the rest.
-    """
-
-    def __init__(
-        self,
-        count: int,
-        rebind: Callable[[], list[socket.socket]],
-        sockets: list[list[socket.socket]],
-        work: Callable[[list[socket.socket]], bool],
-    ) -> None:
-        self.count = count
-        self.rebind = rebind
-        self.sockets: list[list[socket.socket] | None] = list(sockets)
-        self.work = work
-        self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker, started)
-        self.restarts: dict[int, float] = {}  # worker -> when to start it again
-        self.delays = [0.5] * count  # doubled at each death: 1 s first
-        self.stopping: int | None = None
-        self.failed = False
-
-    def on_signal(self, signum: int, frame: object) -> None:
-        if self.stopping is None:
-            self.stopping = signum
-        self.forward()
-
-    def forward(self) -> None:
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    def run(self) -> None:
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        os.set_blocking(wake_r, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # so that it wakes select
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.on_signal)
-        for worker in range(self.count):
-            self.spawn(worker)
-        deadline: float | None = None
-        while self.children or (self.restarts and self.stopping is None):
-            waits = [when - time.monotonic() for when in self.restarts.values()]
-            if deadline is not None:
-                waits.append(deadline - time.monotonic())
-            select.select([wake_r], [], [], max(0.0, min(waits)) if waits else None)
-            with contextlib.suppress(BlockingIOError):
-                os.read(wake_r, 512)
-            self.reap()
-            if self.stopping is not None and deadline is None:
-                deadline = time.monotonic() + WORKER_EXIT_SECONDS
-                self.forward()  # again: a worker forked as the signal came missed it
-                self.restarts.clear()
-                self.close_sockets()  # new connections are refused, not left waiting
-            if deadline is not None and time.monotonic() >= deadline:
-                logger.error("workers still running after %ds: killing them", WORKER_EXIT_SECONDS)
-                for pid in self.children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 5
-            for worker, when in list(self.restarts.items()):
-                if when <= time.monotonic():
-                    del self.restarts[worker]
-                    self.spawn(worker)
-        self.close_sockets()
-        signal.set_wakeup_fd(-1)
-        os.close(wake_r)
-        os.close(wake_w)
-        if self.failed:
-            raise SystemExit(STARTUP_FAILURE)
-        if self.stopping is not None:
-            # As uvicorn does once it has shut down: exit by the signal that stopped us.
-            signal.signal(self.stopping, signal.SIG_DFL)
-            os.kill(os.getpid(), self.stopping)
-
-    def reap(self) -> None:
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker, started = self.children.pop(pid)
-            if self.stopping is not None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            if code == STARTUP_FAILURE:
-                logger.error("worker %d (pid %d) could not start: stopping", worker, pid)
-                self.failed = True
-                self.on_signal(signal.SIGTERM, None)
-                continue
-            lived = time.monotonic() - started
-            delay = 1.0 if lived > 60 else min(self.delays[worker] * 2, RESTART_DELAY_MAX)
-            self.delays[worker] = delay
-            logger.error(
-                "worker %d (pid %d) %s; starting another in %.0fs", worker, pid, how, delay
-            )
-            # Its socket goes with it: connections waiting there are refused, not stranded,
-            # and the kernel sends new ones to the other workers until the new one binds.
-            for sock in self.sockets[worker] or []:
-                sock.close()
-            self.sockets[worker] = None
-            self.restarts[worker] = time.monotonic() + delay
-
-    def spawn(self, worker: int) -> None:
-        if self.stopping is not None:
-            return
-        if self.sockets[worker] is None:
-            try:
-                self.sockets[worker] = self.rebind()
-            except ConfigError as exc:
-                logger.error("worker %d cannot listen: %s; trying again", worker, exc)
-                self.restarts[worker] = time.monotonic() + RESTART_DELAY_MAX
-                return
-        parent = os.getpid()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        try:
-            pid = os.fork()
-            if pid == 0:
-                self.become_worker(worker, parent, blocked)
-            self.children[pid] = (worker, time.monotonic())
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-    def become_worker(self, worker: int, parent: int, mask: set[int | signal.Signals]) -> None:
-        """In the forked child: never returns into the parent's code."""
-        code = 1
-        try:
-            os.setpgid(0, 0)
-            die_with_parent()
-            if os.getppid() != parent:
-                os._exit(1)  # the parent died before it could be followed
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                signal.signal(signum, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            mine = self.sockets[worker] or []
-            for other in self.sockets:
-                for sock in other or []:
-                    if sock not in mine:
-                        sock.close()
-            code = 0 if self.work(mine) else STARTUP_FAILURE
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            logger.exception("worker %d failed", worker)
-        finally:
-            os._exit(code)
-
-    def close_sockets(self) -> None:
-        for sockets in self.sockets:
-            for sock in sockets or []:
-                sock.close()
-
-
 def serve(settings: Settings) -> None:
     if settings.token_secret is not None:
         try:
@@ -510,26 +258,6 @@ def serve(settings: Settings) -> None:
         return run(relay_config(settings), sockets)
 
     Workers(settings.workers, rebind, groups, work).run()
-
-
-def relay_config(settings: Settings) -> uvicorn.Config:
-    from .app import create_app
-
-    return uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=False,
-        ws=WS_BACKEND,
-        ws_max_size=settings.ws_max_size,
-        # Compression contexts are per socket: each message would be compressed once per
-        # subscriber, not once per change, and each socket would hold a zlib state.
-        ws_per_message_deflate=settings.ws_compression,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        server_header=False,
-    )
 
 
 def simulate(args: argparse.Namespace) -> None:
@@ -588,7 +316,7 @@ def token(args: argparse.Namespace) -> None:
 def watch(args: argparse.Namespace) -> None:
     import asyncio
 
-    from .client import watch_in_terminal
+    from .client.terminal import watch_in_terminal
 
     values = {option.name: option.default for option in WATCH_OPTIONS}
     values |= read_options(WATCH_OPTIONS, given(args, WATCH_OPTIONS), os.environ)

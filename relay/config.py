@@ -141,7 +141,7 @@ def api_key(raw: str) -> str:
 
 def webhook_secret(raw: str) -> str:
     # Imported here: config.py is read before anything else and needs nothing of the relay.
-    from .webhooks import decode_secret
+    from .watches.webhooks import decode_secret
 
     decode_secret(raw)
     return raw.strip()

@@ -17,8 +17,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .backend import Change
+from .logs import about
 from .patch import merge_patch
-from .poll_loop import LoopSignal, about
 from .protocol import TERMINAL, ErrorCode, Event, error_data
 from .subscriber import Cursor, Subscriber
 
@@ -36,7 +36,7 @@ class TaskHub:
         self.task_id = task_id
         self.state: dict[str, Any] | None = None
         self.seq = 0
-        self.cursors: set[Cursor] = set()
+        self.cursors: set[TaskCursor] = set()
         self.ended = False
         self._history: deque[tuple[int, dict[str, Any]]] = deque(maxlen=HISTORY_SIZE)
         self._last_patch: Event | None = None
@@ -167,7 +167,7 @@ class TaskHub:
             self._snapshot = Event("snapshot", self.task_id, self.seq, self.state)
         return self._snapshot
 
-    def catch_up(self, cursor: Cursor) -> list[Event]:
+    def catch_up(self, cursor: TaskCursor) -> list[Event]:
         events: list[Event] = []
         if cursor.done:
             return events
@@ -197,6 +197,46 @@ class TaskHub:
     def _notify(self) -> None:
         for cursor in self.cursors:
             cursor.subscriber.mark(cursor)
+
+
+TaskCursor = Cursor[TaskHub]
+"""A subscriber's place in one task of the hub."""
+
+
+class LoopSignal:
+    """What the hub tells a task's loop: whether this node still wants the task, or stop.
+
+    The loop sleeps between polls on `sleep`, which any of these wakes early.
+    """
+
+    __slots__ = ("_wake", "shutting_down", "wanted")
+
+    def __init__(self) -> None:
+        self.wanted = True
+        self.shutting_down = False
+        self._wake = asyncio.Event()
+
+    def want(self) -> None:
+        """A subscriber arrived (again)."""
+        self.wanted = True
+
+    def withdraw(self) -> None:
+        """The last subscriber has been gone for the linger."""
+        self.wanted = False
+        self._wake.set()
+
+    def shut_down(self) -> None:
+        self.shutting_down = True
+        self._wake.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep between polls; returns early when woken."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._wake.clear()
 
 
 PollLoop = Callable[[TaskHub, LoopSignal], Coroutine[Any, Any, None]]
@@ -256,7 +296,7 @@ class Hub:
         if task is not None:
             task.apply(change)
 
-    def subscribe(self, task_id: str, subscriber: Subscriber, seq: int | None = None) -> Cursor:
+    def subscribe(self, task_id: str, subscriber: Subscriber, seq: int | None = None) -> TaskCursor:
         """Add a subscriber to a task, starting its poll loop if it has none.
 
         The cursor is marked dirty at once, so the subscriber receives what the
@@ -265,7 +305,7 @@ class Hub:
         task = self._tasks.get(task_id)
         if task is None:
             task = self._tasks[task_id] = TaskHub(task_id)
-        cursor = Cursor(task, subscriber, seq)
+        cursor: TaskCursor = Cursor(task, subscriber, seq)
         # A client that already holds an ended task's last state is owed nothing more.
         cursor.done = task.delivered_all(seq)
         task.cursors.add(cursor)
@@ -283,7 +323,7 @@ class Hub:
         subscriber.mark(cursor)
         return cursor
 
-    def unsubscribe(self, cursor: Cursor) -> None:
+    def unsubscribe(self, cursor: TaskCursor) -> None:
         task = cursor.task
         if cursor not in task.cursors:
             return

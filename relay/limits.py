@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .protocol import ErrorCode, error_data
-
-RETRY_AFTER_SECONDS = 5
+from .responses import overloaded_response
 
 
 class ConnectionLimit:
@@ -45,12 +42,3 @@ class ConnectionLimit:
             await send({"type": "websocket.close", "code": 1013})
             return
         await response(scope, receive, send)
-
-
-def overloaded_response(message: str) -> JSONResponse:
-    """`503` with `Retry-After`: the relay is full, the client should come back later."""
-    return JSONResponse(
-        error_data(ErrorCode.OVERLOADED, message, retrying=True),
-        status_code=503,
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )

@@ -36,6 +36,11 @@ def redactor(secrets: Iterable[str | None]) -> Callable[[str], str]:
     return redact
 
 
+def about(task_id: str) -> dict[str, str]:
+    """The `extra` of a log record about one task (a field of its own in JSON logs)."""
+    return {"task_id": task_id}
+
+
 def shown_name(name: str) -> str:
     return SHOWN_NAMES.get(name, name)
 

@@ -13,13 +13,13 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .budget import RateBudget
 from .hub import Hub
-from .webhooks import OUTCOMES, Outcome
+from .subscriber import PUSH_TRANSPORTS
+from .upstream.budget import RateBudget
+from .watches.webhooks import OUTCOMES, Outcome
 
 if TYPE_CHECKING:
-    from .watches import Watches
-    from .webhooks import Webhooks
+    from .watches import Watches, Webhooks
 
 
 class PushedMessages(Collector):
@@ -39,7 +39,7 @@ class PushedMessages(Collector):
             labels=["transport"],
         )
         counts = self.hub.pushed_counts if self.hub is not None else {}
-        for transport in ("sse", "ws"):
+        for transport in PUSH_TRANSPORTS:
             family.add_metric([transport], counts.get(transport, 0))
         yield family
 
@@ -136,7 +136,7 @@ class Metrics:
         for delivery in OUTCOMES:
             self.webhook_deliveries.labels(delivery)
         # Bound once: looking a label up costs more than the increment.
-        self._subscribers = {t: self.subscribers.labels(t) for t in ("sse", "ws")}
+        self._subscribers = {t: self.subscribers.labels(t) for t in PUSH_TRANSPORTS}
         for outcome in ("ok", "not_found", "unauthorized", "error"):
             self.upstream_calls.labels(outcome)
 

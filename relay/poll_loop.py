@@ -8,20 +8,19 @@ reads the stored state now and then, in case the polling node went quiet.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .backend import Backend, Change
+from .hub import LoopSignal, TaskHub
+from .logs import about
 from .patch import merge_patch
 from .protocol import ErrorCode
+from .retry import backoff
 from .upstream import TaskNotFound, Unauthorized, UpstreamClient, UpstreamUnavailable
-
-if TYPE_CHECKING:
-    from .hub import TaskHub
 
 logger = logging.getLogger("relay.poll")
 
@@ -54,52 +53,10 @@ class PollPolicy:
 
     def backoff(self, failures: int, retry_after: float | None = None) -> float:
         """Capped exponential backoff with jitter; never shorter than the upstream asked."""
-        ceiling = min(self.backoff_max, self.backoff_base * 2 ** min(failures - 1, 30))
-        delay = self.rng.uniform(ceiling / 2, ceiling)
+        delay = backoff(failures, self.backoff_base, self.backoff_max, self.rng)
         if retry_after is not None:
             delay = max(delay, retry_after)
         return delay
-
-
-class LoopSignal:
-    """What the hub tells a task's loop: whether this node still wants the task, or stop.
-
-    The loop sleeps between polls on `sleep`, which any of these wakes early.
-    """
-
-    __slots__ = ("_wake", "shutting_down", "wanted")
-
-    def __init__(self) -> None:
-        self.wanted = True
-        self.shutting_down = False
-        self._wake = asyncio.Event()
-
-    def want(self) -> None:
-        """A subscriber arrived (again)."""
-        self.wanted = True
-
-    def withdraw(self) -> None:
-        """The last subscriber has been gone for the linger."""
-        self.wanted = False
-        self._wake.set()
-
-    def shut_down(self) -> None:
-        self.shutting_down = True
-        self._wake.set()
-
-    async def sleep(self, seconds: float) -> None:
-        """Sleep between polls; returns early when woken."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
-        finally:
-            self._wake.clear()
-
-
-def about(task_id: str) -> dict[str, str]:
-    """The `extra` of a log record about one task (a field of its own in JSON logs)."""
-    return {"task_id": task_id}
 
 
 @dataclass

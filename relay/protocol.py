@@ -10,11 +10,13 @@ from functools import cached_property
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from starlette.responses import JSONResponse
-
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 TERMINAL = frozenset({"succeeded", "failed"})
 """The statuses after which a task never changes again."""
+MAX_SEQ = (1 << 63) - 1
+"""The largest sequence number a client may claim to hold (a signed 64-bit integer)."""
+HISTORY_SIZE = 64
+"""States of a task kept to answer a resume with one patch, in a hub and in a cluster."""
 
 EventKind = Literal["snapshot", "patch", "end", "error"]
 
@@ -27,6 +29,7 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
     TOO_MANY_TASKS = "too_many_tasks"
     OVERLOADED = "overloaded"
+    CLUSTER_UNAVAILABLE = "cluster_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -53,11 +56,6 @@ def task_id_in_path(scope: Mapping[str, Any], prefix: str = "/v1/tasks/") -> str
 
 def error_data(code: ErrorCode, message: str, *, retrying: bool = False) -> dict[str, Any]:
     return {"code": code.value, "message": message, "retrying": retrying}
-
-
-def error_response(status: int, code: ErrorCode, message: str) -> JSONResponse:
-    """An HTTP error whose body has the same shape as an `error` event's data."""
-    return JSONResponse(error_data(code, message), status_code=status)
 
 
 def dumps(value: Any) -> str:

@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .protocol import ErrorCode, invalid_task_id_message, is_valid_task_id
 from .tokens import grant
 from .upstream import TaskNotFound, UpstreamClient
+from .watchdog import Watchdog
 from .watches import Watches
 
 OVERLOADED_MESSAGE = "the relay watches as many tasks as it can; retry later"
@@ -89,6 +90,7 @@ class Relay:
     upstream: UpstreamClient
     metrics: Metrics
     lookup: StateLookup
+    watchdog: Watchdog
     rng: random.Random = field(default_factory=random.Random)
     # Server-held watches: None unless the server API or webhooks are configured.
     watches: Watches | None = None

@@ -31,8 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .signing import NonceCache, error_status, verify_request
-from .upstream import NOT_FOUND_CODE
+from .upstream.client import NOT_FOUND_CODE
+from .upstream.signing import NonceCache, error_status, verify_request
 
 # (node label, steps): a text-to-image workflow with an upscale pass.
 WORKFLOW: tuple[tuple[str, int], ...] = (

@@ -11,22 +11,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .limits import overloaded_response
+from .hub import TaskCursor
 from .protocol import (
+    MAX_SEQ,
     ErrorCode,
     Event,
     error_data,
-    error_response,
     is_valid_task_id,
     task_id_in_path,
 )
+from .responses import error_response, refusal_response
 from .service import Admitted, Delivered, Refusal, Relay, relay_of
-from .subscriber import Cursor, Subscriber, monotonic, watchdog_of
+from .subscriber import Subscriber
 from .workarounds import server_send, transport_of
 
 logger = logging.getLogger("relay.sse")
-
-MAX_SEQ = (1 << 63) - 1
 
 
 def parse_seq(value: str | None) -> int | None:
@@ -63,7 +62,7 @@ STREAM_HEADERS = [
 ]
 KEEP_ALIVE = b": ping\n\n"
 
-Frame = Callable[[Event, list[Cursor]], bytes]
+Frame = Callable[[Event, list[TaskCursor]], bytes]
 
 
 class EventStream(Response):
@@ -102,12 +101,9 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         relay = self.relay
-        settings = relay.settings
         hub = relay.hub
         subscriber = self.subscriber
-        watchdog = watchdog_of(
-            hub, ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
-        )
+        watchdog = relay.watchdog
         transport = transport_of(receive)
         # Without a transport to look at, one task listens for the client going away.
         listener = (
@@ -129,13 +125,14 @@ class EventStream(Response):
             if listener is not None:
                 listener.cancel()
 
-    async def stream(self, send: Send, cursors: list[Cursor]) -> None:
+    async def stream(self, send: Send, cursors: list[TaskCursor]) -> None:
         """Send what the cursors have until all ended, then end the response.
 
         Returns early, without a word, when the client is gone; after a jittered
         `retry:` hint when the server is going away.
         """
         hub = self.relay.hub
+        watchdog = self.relay.watchdog
         subscriber = self.subscriber
         frame = self.frame
         open_cursors = sum(not cursor.done for cursor in cursors)
@@ -143,10 +140,9 @@ class EventStream(Response):
         try:
             while True:
                 if chunk:
-                    subscriber.sending_since = now = monotonic()
+                    watchdog.sending(subscriber)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    subscriber.sending_since = 0.0
-                    subscriber.last_sent = now
+                    watchdog.sent(subscriber)
                 if not open_cursors:
                     break
                 waiter = subscriber.waiter()
@@ -156,7 +152,7 @@ class EventStream(Response):
                 if subscriber.gone:
                     return
                 if subscriber.closing:
-                    subscriber.sending_since = monotonic()
+                    watchdog.sending(subscriber)
                     hint = retry_hint(self.relay.rng)
                     await send({"type": "http.response.body", "body": hint, "more_body": True})
                     break
@@ -170,12 +166,11 @@ class EventStream(Response):
                         frames.append(event.sse if frame is None else frame(event, cursors))
                     if cursor.done:
                         open_cursors -= 1
+                keep_alive = watchdog.keep_alive_due(subscriber)  # data resets it too
                 if frames:
                     hub.pushed("sse", len(frames))
                     chunk = frames[0] if len(frames) == 1 else b"".join(frames)
-                    subscriber.keep_alive = False
-                elif subscriber.keep_alive:
-                    subscriber.keep_alive = False
+                elif keep_alive:
                     chunk = KEEP_ALIVE
                 else:
                     chunk = b""
@@ -184,7 +179,7 @@ class EventStream(Response):
         except OSError:
             pass  # ASGI 2.4: the client went away during a send
         finally:
-            subscriber.sending_since = 0.0
+            watchdog.idle(subscriber)
 
 
 async def listen(receive: Receive, subscriber: Subscriber) -> None:
@@ -192,12 +187,6 @@ async def listen(receive: Receive, subscriber: Subscriber) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     subscriber.drop()
-
-
-def refusal_response(refusal: Refusal) -> Response:
-    if refusal.retrying:
-        return overloaded_response(refusal.message)
-    return error_response(refusal.status, refusal.code, refusal.message)
 
 
 async def task_events(request: Request) -> Response:
@@ -223,7 +212,7 @@ def last_event_id(request: Request) -> str | None:
     return request.headers.get("last-event-id") or request.query_params.get("lastEventId")
 
 
-def multiplexed_frame(event: Event, cursors: list[Cursor]) -> bytes:
+def multiplexed_frame(event: Event, cursors: list[TaskCursor]) -> bytes:
     ids = ",".join(f"{c.task.task_id}:{c.seq}" for c in cursors if c.seq is not None)
     return event.sse_multiplexed + (f"id: {ids}\n\n".encode() if ids else b"\n")
 

@@ -12,17 +12,25 @@ from typing import Any, NamedTuple
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .hub import TaskCursor
 from .origins import origin_allowed
-from .protocol import ErrorCode, Event, dumps, error_data, invalid_task_id_message, is_valid_task_id
+from .protocol import (
+    MAX_SEQ,
+    ErrorCode,
+    Event,
+    dumps,
+    error_data,
+    invalid_task_id_message,
+    is_valid_task_id,
+)
 from .service import Delivered, Refusal, Relay, relay_of
-from .subscriber import Cursor, Subscriber, monotonic, watchdog_of
+from .subscriber import Subscriber
 from .workarounds import notify_messages, release_handshake, server_send, transport_of
 
 logger = logging.getLogger("relay.ws")
 
 MAX_PENDING_REPLIES = 64
 NO_MESSAGES: list[Message] = []  # never filled
-MAX_SEQ = (1 << 63) - 1
 
 
 class ClientError(Exception):
@@ -102,7 +110,7 @@ class Connection:
         self.receive = receive
         self.send = send
         self.subscriber = Subscriber("ws")
-        self.cursors: dict[str, Cursor] = {}
+        self.cursors: dict[str, TaskCursor] = {}
         self.replies: list[str] | None = None  # made for the first reply: most sockets have none
         self.inbox: list[Message] | None = None  # with a reader task only
 
@@ -125,6 +133,7 @@ class Connection:
     async def serve(self, waiting: Callable[[], bool] | None) -> None:
         """Serve the socket until the client leaves, the server closes, or a send is stuck."""
         subscriber = self.subscriber
+        watchdog = self.relay.watchdog
         cursors = self.cursors
         receive = self.receive
         send = self.send
@@ -144,7 +153,7 @@ class Connection:
             if self.replies:
                 replies, self.replies = self.replies, None
                 for reply in replies:
-                    subscriber.sending_since = monotonic()
+                    watchdog.sending(subscriber)
                     await send({"type": "websocket.send", "text": reply})
                 sent += len(replies)
             for cursor in dirty:
@@ -152,13 +161,13 @@ class Connection:
                 if cursors.get(task_id) is not cursor:
                     continue  # unsubscribed since it was marked
                 for event in cursor.task.catch_up(cursor):
-                    subscriber.sending_since = monotonic()
+                    watchdog.sending(subscriber)
                     await send({"type": "websocket.send", "text": event.ws})
                     sent += 1
                 if cursor.done and cursors.get(task_id) is cursor:
                     del cursors[task_id]
                     self.hub.unsubscribe(cursor)
-            subscriber.sending_since = 0.0
+            watchdog.idle(subscriber)
             if sent:
                 self.hub.pushed("ws", sent)
 
@@ -243,9 +252,7 @@ class WebSocketEndpoint:
         # Served from a task of its own: a task's every wake-up resumes each frame of its
         # stack, and this one's is uvicorn's and Starlette's, a dozen frames deep.
         serving = asyncio.create_task(connection.serve(waiting))
-        watchdog = watchdog_of(
-            relay.hub, ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
-        )
+        watchdog = relay.watchdog
         watchdog.watch(subscriber, transport_of(receive), serving)
         try:
             await serving

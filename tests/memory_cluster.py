@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay.backend import Change, Receive
-from relay.placement import Placement
+from relay.cluster.placement import Placement
 
 
 @dataclass

@@ -12,11 +12,14 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
+
+from relay.server import relay_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,18 +38,16 @@ class ThreadServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_config=None,
-            access_log=False,
-            ws="websockets-sansio",
-            ws_max_size=64 * 1024,  # as relay/cli.py serves
-            ws_per_message_deflate=False,
-            timeout_graceful_shutdown=2,
-            lifespan="on",
-        )
+        settings = getattr(getattr(app, "state", None), "settings", None)
+        if settings is not None:
+            # A relay: served exactly as `relay serve` serves it, on this port.
+            config = relay_config(replace(settings, host="127.0.0.1", port=self.port), app)
+        else:
+            config = uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_config=None, access_log=False
+            )
+        config.timeout_graceful_shutdown = 2
+        config.lifespan = "on"
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._serve, daemon=True)

@@ -15,14 +15,14 @@ import httpx
 import pytest
 
 from relay.backend import Change, LocalBackend
-from relay.hub import Hub, TaskHub
-from relay.placement import SETTLE_LEASE_PERIODS, preferred
-from relay.poll_loop import LoopSignal, PollPolicy, poll_task
+from relay.cluster.placement import SETTLE_LEASE_PERIODS, preferred
+from relay.hub import Hub, LoopSignal, TaskHub
+from relay.poll_loop import PollPolicy, poll_task
 from relay.protocol import Event
-from relay.signing import NoSigner
 from relay.simulator import Simulator
 from relay.subscriber import Subscriber
 from relay.upstream import UpstreamClient, make_http_client
+from relay.upstream.signing import NoSigner
 
 from .clients import wait_for
 from .memory_cluster import MemoryBackend, MemoryStore

@@ -6,7 +6,7 @@ import time
 
 import websockets
 
-from relay.budget import RateBudget
+from relay.upstream.budget import RateBudget
 
 from .clients import wait_for
 from .conftest import RelayFactory, SimulatedUpstream

@@ -18,16 +18,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from relay.client import (
-    EventStreamDecoder,
     RelayClient,
     RelayError,
     RelayUnavailable,
-    ServerEvent,
     TaskFailed,
     TaskNotFound,
     TaskWatch,
     Unauthorized,
 )
+from relay.client.client import EventStreamDecoder, ServerEvent
 from relay.tokens import mint
 
 from .clients import Watcher, sse_events

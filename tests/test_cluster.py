@@ -20,7 +20,7 @@ import httpx
 import pytest
 import websockets
 
-from relay.placement import SETTLE_LEASE_PERIODS
+from relay.cluster.placement import SETTLE_LEASE_PERIODS
 
 from .clients import Watcher, wait_for, watch_sse, watch_ws
 from .conftest import SimulatedUpstream

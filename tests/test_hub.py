@@ -4,8 +4,7 @@ import asyncio
 
 import httpx
 
-from relay.hub import Hub, TaskHub
-from relay.poll_loop import LoopSignal
+from relay.hub import Hub, LoopSignal, TaskHub
 from relay.subscriber import Subscriber
 
 from .clients import sse_events, visit, wait_for, watch_sse, watch_ws

@@ -11,9 +11,9 @@ import pytest
 import websockets
 
 from relay.poll_loop import PollPolicy, poll_once, with_result
-from relay.signing import ApiGatewaySigner, NoSigner
 from relay.simulator import Simulator
 from relay.upstream import UpstreamClient, make_http_client
+from relay.upstream.signing import ApiGatewaySigner, NoSigner
 
 from .clients import watch_sse
 from .conftest import RelayFactory, SimulatedUpstream

@@ -9,7 +9,7 @@ from email.utils import formatdate
 
 import pytest
 
-from relay.signing import (
+from relay.upstream.signing import (
     ERR_EMPTY_SIGNATURE,
     ERR_INVALID_APPKEY,
     ERR_INVALID_CONTENT_MD5,

@@ -6,8 +6,6 @@ import time
 import httpx
 import pytest
 
-from relay.subscriber import watchdog_of
-
 from .clients import Watcher, sse_events, wait_for, watch_sse
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ThreadServer
@@ -199,10 +197,7 @@ async def test_server_exit_sends_a_retry_hint_and_ends_every_stream_at_once(
     task_id = upstream.start_task(queue=30, duration=30)
     streams = [await open_stream(relay.port, f"/v1/tasks/{task_id}/events") for _ in range(2)]
     many = await open_stream(relay.port, f"/v1/events?taskId={task_id}&taskId=other")
-    settings = relay.app.state.relay.settings
-    watchdog = watchdog_of(
-        hub, ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
-    )
+    watchdog = relay.app.state.relay.watchdog
     # What the watchdog reads from uvicorn's signal handler when SIGTERM comes; a server in a
     # thread has no handler (tests/test_app.py sends the real signal to a relay process).
     watchdog.exiting = lambda: True

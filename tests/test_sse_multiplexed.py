@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 
 from relay.config import Settings
-from relay.hub import Hub, TaskHub
-from relay.poll_loop import LoopSignal
+from relay.hub import Hub, LoopSignal, TaskHub
 from relay.sse import EventStream, multiplexed_frame, parse_stream_id
+from relay.watchdog import Watchdog
 
 from .clients import SSEEvent, Watcher, sse_events, wait_for
 from .conftest import RelayFactory, SimulatedUpstream
@@ -131,7 +131,9 @@ async def test_each_frame_of_a_many_task_stream_claims_only_what_was_sent_before
         await signal.sleep(60)
 
     hub = Hub(idle, linger=1.0, ended_ttl=1.0)
-    relay = SimpleNamespace(hub=hub, settings=Settings(), rng=random.Random(0))
+    settings = Settings()
+    watchdog = Watchdog(ping_interval=settings.ping_interval, send_timeout=settings.send_timeout)
+    relay = SimpleNamespace(hub=hub, settings=settings, rng=random.Random(0), watchdog=watchdog)
     chunks: list[bytes] = []
     left = asyncio.Event()
 

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from relay.signing import ApiGatewaySigner, NoSigner
 from relay.simulator import Simulator
 from relay.upstream import (
     TaskNotFound,
@@ -16,6 +15,7 @@ from relay.upstream import (
     make_http_client,
     read_envelope,
 )
+from relay.upstream.signing import ApiGatewaySigner, NoSigner
 
 from .clients import visit, watch_sse, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream

@@ -25,9 +25,9 @@ import httpx
 import pytest
 
 from relay.app import create_app
-from relay.signing import ApiGatewaySigner, NoSigner
 from relay.upstream import UpstreamClient, UpstreamHTTP, UpstreamUnavailable, make_http_client
-from relay.upstream_transport import UpstreamTransport
+from relay.upstream.signing import ApiGatewaySigner, NoSigner
+from relay.upstream.transport import UpstreamTransport
 
 from .clients import watch_sse
 from .conftest import FAST

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from relay.app import create_app
 from relay.config import Settings
-from relay.webhooks import RetryPolicy, signed_headers
+from relay.watches.webhooks import RetryPolicy, signed_headers
 
 from .clients import merge_patch, wait_for, watch_sse
 from .conftest import FAST, SimulatedUpstream

@@ -7,8 +7,6 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from relay.subscriber import watchdog_of
-
 from .clients import wait_for, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ProcessServer, ThreadServer
@@ -175,10 +173,7 @@ async def test_server_exit_closes_every_socket_with_1012(
     for socket in sockets:
         await socket.send(json.dumps({"type": "subscribe", "taskId": task_id}))
         assert (await recv(socket))["type"] == "snapshot"
-    settings = relay.app.state.relay.settings
-    watchdog = watchdog_of(
-        hub, ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
-    )
+    watchdog = relay.app.state.relay.watchdog
     watchdog.exiting = lambda: True  # as when uvicorn's signal handler is told to exit
     for socket in sockets:
         with pytest.raises(websockets.ConnectionClosed) as closed:

@@ -35,9 +35,9 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
-from . import __version__
-from .protocol import dumps
-from .upstream import parse_retry_after
+from .. import __version__
+from ..protocol import dumps
+from ..retry import backoff, parse_retry_after
 
 logger = logging.getLogger("relay.webhooks")
 
@@ -143,8 +143,7 @@ class RetryPolicy:
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
-        ceiling = min(self.cap, self.base * 2 ** min(attempts - 1, 30))
-        delay = self.rng.uniform(ceiling / 2, ceiling)
+        delay = backoff(attempts, self.base, self.cap, self.rng)
         return max(delay, retry_after) if retry_after is not None else delay
 
     def gives_up(self, attempts: int, age: float) -> bool:

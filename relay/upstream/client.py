@@ -13,11 +13,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from . import __version__
+from .. import __version__
+from ..patch import drop_nulls
+from ..retry import parse_retry_after
 from .budget import RateBudget
-from .patch import drop_nulls
 from .signing import ERR_INVALID_TIMESTAMP, ERR_TIMESTAMP_EXPIRED, Signer
-from .upstream_transport import UpstreamTransport
+from .transport import UpstreamTransport
 
 logger = logging.getLogger("relay.upstream")
 
@@ -27,6 +28,8 @@ NOT_FOUND_CODE = "B_COMPUTING_CanNotFindTask"
 STATUSES = frozenset({"waiting", "running", "succeeded", "failed"})
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 32
+# An upstream's Retry-After is honoured up to an hour: a larger one is taken for an hour.
+MAX_RETRY_AFTER = 3600.0
 USER_AGENT = f"comfy-relay/{__version__}".encode()
 
 
@@ -86,16 +89,6 @@ def make_http_client(
     if transport is None:
         transport = UpstreamTransport(max_connections=max_connections, retries=1)
     return UpstreamHTTP(transport, timeout)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return min(max(seconds, 0.0), 3600.0)
 
 
 class UpstreamClient:
@@ -217,6 +210,8 @@ class UpstreamClient:
         status = response.status_code
         if status == 429 or status >= 500:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if retry_after is not None:
+                retry_after = min(retry_after, MAX_RETRY_AFTER)
             if status == 429:
                 self.budget.pause(retry_after if retry_after is not None else 1.0)
             raise UpstreamUnavailable(f"upstream answered HTTP {status}", retry_after)

@@ -23,27 +23,23 @@ import codecs
 import copy
 import json
 import logging
-import math
 import random
-import shutil
-import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, TextIO
-from urllib.parse import quote, urljoin
+from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from . import __version__
-from .patch import apply_patch, same_json
+from .. import __version__
+from ..patch import apply_patch, same_json
+from ..retry import backoff, parse_retry_after
 
 State = dict[str, Any]
 """A task's state: the JSON object docs/protocol.md describes (`status`, `progress`, ...)."""
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed")
 # The relay comments every RELAY_PING_INTERVAL (15 s by default): a stream silent for three
 # of those is taken for dead and reopened.
 READ_TIMEOUT = 45.0
@@ -194,18 +190,8 @@ class EventStreamDecoder:
 
 
 def retry_after(response: httpx.Response) -> float | None:
-    """A response's Retry-After in seconds (a number or an HTTP date), or None."""
-    raw = response.headers.get("retry-after", "").strip()
-    if not raw:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(raw).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+    """A response's Retry-After in seconds, or None."""
+    return parse_retry_after(response.headers.get("retry-after"))
 
 
 def retryable(status: int) -> bool:
@@ -450,8 +436,7 @@ class TaskWatch:
     def _delay(self, server_wait: float | None) -> float:
         """Seconds before the next attempt: jittered backoff, and at least the server's wait."""
         client = self.client
-        backoff = min(client.backoff_max, client.backoff_initial * 2 ** min(self._failures, 30))
-        delay = random.uniform(backoff / 2, backoff)
+        delay = backoff(self._failures + 1, client.backoff_initial, client.backoff_max)
         if server_wait is not None:
             delay = max(delay, min(server_wait, LONGEST_SERVER_WAIT) * random.uniform(1.0, 1.2))
         return delay
@@ -503,123 +488,3 @@ class TaskWatch:
         self.state = state
         self.problem = None
         return copy.deepcopy(state) if changed else None
-
-
-# -- `relay watch` -----------------------------------------------------------------------------
-
-# `relay watch` ends with exit status 2 once it could not reach the relay for this long.
-WATCH_GIVE_UP = 30.0
-BAR_WIDTH = 24
-
-
-def number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def seconds_text(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def progress_text(state: Mapping[str, Any]) -> str:
-    """One line for a state: status, bar, percentage, node, step of max steps, ETA."""
-    status = str(state.get("status", "?"))
-    if status == "waiting":
-        place = number(state.get("lastQueueRemaining"))
-        return f"{status:<9} " + (f"queue place {place:.0f}" if place else "in the queue")
-    progress = min(max(number(state.get("progress")) or 0.0, 0.0), 1.0)
-    filled = round(progress * BAR_WIDTH)
-    parts = [f"{status:<9} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}] {progress:4.0%}"]
-    node = state.get("state")
-    if isinstance(node, Mapping):
-        if node.get("nodeLabel"):
-            parts.append(str(node["nodeLabel"]))
-        step, steps = number(node.get("step")), number(node.get("maxSteps"))
-        if step is not None and steps:
-            parts.append(f"step {step:.0f}/{steps:.0f}")
-    eta = number(state.get("etaRelative"))
-    if status == "running" and eta is not None and eta > 0:
-        parts.append(f"ETA {seconds_text(eta)}")
-    return "  ".join(parts)
-
-
-class ProgressLine:
-    """The progress line: redrawn in place with carriage returns on a terminal, or one line
-    per change otherwise (a log file, a pipe)."""
-
-    def __init__(self, out: TextIO, live: bool) -> None:
-        self.out = out
-        self.live = live
-        self.shown = ""
-
-    def show(self, text: str) -> None:
-        if text == self.shown:
-            return
-        if self.live:
-            width = max(20, shutil.get_terminal_size().columns - 1)
-            text = text[:width]
-            self.out.write("\r" + text.ljust(len(self.shown)))
-        else:
-            self.out.write(text + "\n")
-        self.shown = text
-        self.out.flush()
-
-    def close(self) -> None:
-        """End the line in place, so that what follows starts on a line of its own."""
-        if self.live and self.shown:
-            self.out.write("\n")
-            self.out.flush()
-            self.shown = ""
-
-
-def result_lines(state: Mapping[str, Any], base_url: str) -> list[str]:
-    """What follows the last progress line: the failure's message, or the images made."""
-    if state.get("status") == "failed":
-        return [f"error: {state['message']}"] if state.get("message") else []
-    result = state.get("result")
-    images = result.get("images") if isinstance(result, Mapping) else None
-    if not isinstance(images, list):
-        return []
-    return [f"image: {urljoin(base_url + '/', str(image))}" for image in images]
-
-
-async def watch_in_terminal(
-    base_url: str,
-    task_id: str,
-    *,
-    token: str | None,
-    json_lines: bool,
-    out: TextIO,
-    err: TextIO,
-) -> int:
-    """`relay watch`: follow a task, showing each state; the exit status.
-
-    0 when the task succeeded, 1 when it failed, 2 when it is unknown, the relay refused,
-    or the relay could not be reached for WATCH_GIVE_UP seconds.
-    """
-    line = ProgressLine(out, live=out.isatty())
-    async with RelayClient(base_url, token=token, give_up_after=WATCH_GIVE_UP) as client:
-        try:
-            async with client.watch(task_id) as watch:
-                async for state in watch:
-                    if json_lines:
-                        out.write(json.dumps(state, ensure_ascii=False) + "\n")
-                        out.flush()
-                    else:
-                        line.show(progress_text(state))
-        except RelayError as exc:
-            line.close()
-            err.write(f"relay: error: {exc}\n")
-            return 2
-    final = watch.state or {}
-    if not json_lines:
-        line.close()
-        for text in result_lines(final, client.base_url):
-            out.write(text + "\n")
-        out.flush()
-    status = watch.ended or final.get("status")
-    return 0 if status == "succeeded" else 1 if status == "failed" else 2
