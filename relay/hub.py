@@ -18,7 +18,7 @@ from typing import Any
 
 from .backend import Change
 from .logs import about
-from .patch import merge_patch
+from .patch import apply_patch, merge_patch
 from .protocol import TERMINAL, ErrorCode, Event, error_data
 from .subscriber import Cursor, Subscriber
 
@@ -100,9 +100,18 @@ class TaskHub:
         self._notify()
         return True
 
-    def apply(self, change: Change) -> None:
-        """Take a change polled by another node (or read back from the store)."""
+    def apply(self, change: Change) -> bool:
+        """Take a change polled by another node (or read back from the store).
+
+        False when it is a patch that does not follow the state held (one was missed):
+        the caller reads the whole state instead."""
         state, seq = change.state, change.seq
+        if state is None and change.patch is not None and seq is not None:
+            if seq <= self.seq:
+                return True  # already held
+            if self.state is None or seq != self.seq + 1:
+                return False
+            state = apply_patch(self.state, change.patch)
         published = state is not None and seq is not None and self.publish(state, seq, change.patch)
         if published and change.history:
             self.remember(change.history)
@@ -112,6 +121,7 @@ class TaskHub:
                 self.fail(code, message)
             else:
                 self.report_unavailable(message)
+        return True
 
     def remember(self, history: list[tuple[int, dict[str, Any]]]) -> None:
         """Add older states (oldest first) so that resumes from them get a patch."""
@@ -120,11 +130,14 @@ class TaskHub:
         merged = sorted([*older, *self._history], key=lambda entry: entry[0])
         self._history = deque(merged[-HISTORY_SIZE:], maxlen=HISTORY_SIZE)
 
-    def report_unavailable(self, message: str) -> None:
-        """Tell subscribers the upstream is failing and the loop is retrying (once per outage)."""
-        if self._notice is not None or self.ended:
+    def report_unavailable(
+        self, message: str, code: ErrorCode = ErrorCode.UPSTREAM_UNAVAILABLE
+    ) -> None:
+        """Tell subscribers the upstream (or the cluster) is failing and the relay is
+        retrying, once per outage."""
+        if self.ended or (self._notice is not None and self._notice.data["code"] == code):
             return
-        data = error_data(ErrorCode.UPSTREAM_UNAVAILABLE, message, retrying=True)
+        data = error_data(code, message, retrying=True)
         self._notice = Event("error", self.task_id, None, data)
         self._notice_gen += 1
         self._notify()
@@ -143,7 +156,8 @@ class TaskHub:
     @property
     def unavailable(self) -> bool:
         """True while the loop is backing off from a failing upstream."""
-        return self._notice is not None
+        notice = self._notice
+        return notice is not None and notice.data["code"] == ErrorCode.UPSTREAM_UNAVAILABLE
 
     @property
     def final_seq(self) -> int | None:
@@ -290,11 +304,10 @@ class Hub:
     def get(self, task_id: str) -> TaskHub | None:
         return self._tasks.get(task_id)
 
-    def receive(self, change: Change) -> None:
+    def receive(self, change: Change) -> bool:
         """A change from another node of the cluster, for a task watched here."""
         task = self._tasks.get(change.task_id)
-        if task is not None:
-            task.apply(change)
+        return task.apply(change) if task is not None else True
 
     def subscribe(self, task_id: str, subscriber: Subscriber, seq: int | None = None) -> TaskCursor:
         """Add a subscriber to a task, starting its poll loop if it has none.

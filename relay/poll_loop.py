@@ -9,6 +9,7 @@ reads the stored state now and then, in case the polling node went quiet.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,13 @@ from .retry import backoff
 from .upstream import TaskNotFound, Unauthorized, UpstreamClient, UpstreamUnavailable
 
 logger = logging.getLogger("relay.poll")
+
+CLUSTER_UNAVAILABLE = (
+    "this relay cannot reach Redis, so it can neither poll nor follow the task; retrying"
+)
+# A follower reads the stored state every this many checks, in case a message was lost
+# without the channel breaking (a broken channel resyncs at once).
+FOLLOWER_RESYNC = 10
 
 
 @dataclass(frozen=True)
@@ -126,14 +134,25 @@ async def poll_task(
     owner = False
     failures = 0
     next_poll = 0.0
+    synced = -math.inf  # when the stored state was last read
     await sync(task, backend)
     try:
         while not task.ended and not signal.shutting_down:
+            if not backend.healthy:
+                await signal.sleep(backend.check_interval)
+                if not backend.healthy and not signal.shutting_down:
+                    owner = False
+                    task.report_unavailable(CLUSTER_UNAVAILABLE, ErrorCode.CLUSTER_UNAVAILABLE)
+                continue
             if not await backend.interest(task_id, signal.wanted):
                 return  # nobody anywhere watches it any more
             if not owner:
                 owner = await backend.acquire(task_id)
-                await sync(task, backend)  # what the last polling node left, if any
+                if owner or time.monotonic() - synced >= FOLLOWER_RESYNC * backend.check_interval:
+                    # Taken over: continue from what the last polling node stored. Following:
+                    # changes come from the channel; this look is the net under it.
+                    await sync(task, backend)
+                    synced = time.monotonic()
                 if not owner:
                     if not signal.wanted:
                         return  # another node polls it for its own subscribers

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import websockets
 
+from relay.cluster.keys import lease_key, state_key
 from relay.cluster.placement import SETTLE_LEASE_PERIODS
 
 from .clients import Watcher, wait_for, watch_sse, watch_ws
@@ -292,7 +293,7 @@ async def leases(http: httpx.AsyncClient, nodes: list[ProcessServer]) -> list[in
 
 def lease_holders(store: Any, tasks: list[str]) -> dict[str, str | None]:
     """Each task's lease holder, as Redis has it (a node ID), or None."""
-    values = store.mget([f"relay:lease:{task_id}" for task_id in tasks])
+    values = store.mget([lease_key(task_id) for task_id in tasks])
     return {t: v.decode() if v else None for t, v in zip(tasks, values, strict=True)}
 
 
@@ -384,7 +385,11 @@ async def test_three_hundred_tasks_watched_on_three_nodes_are_polled_a_third_eac
         await asyncio.gather(*readers, return_exceptions=True)
         simulator.stop()
     for task_id in tasks:
-        stored = [json.loads(entry)[0] for entry in store.lrange(f"relay:history:{task_id}", 0, -1)]
+        ring = store.hgetall(state_key(task_id))
+        stored = sorted(
+            (json.loads(entry)[0] for name, entry in ring.items() if name.startswith(b"r")),
+            reverse=True,
+        )
         assert stored, task_id
         assert stored == list(range(stored[0], stored[0] - len(stored), -1)), (task_id, stored)
     for n in (0, 1):

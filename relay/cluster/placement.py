@@ -1,6 +1,6 @@
 """Which node of a cluster should poll a task: rendezvous hashing over the nodes watching it.
 
-The lease (`redis_backend.py`) still decides who polls; this decides who asks for it.
+The lease (`keys.py`, `backend.py`) still decides who polls; this decides who asks for it.
 Each task has a preferred node, the one with the highest `weight(node, task)` among
 the live nodes that watch the task (have subscribers to it). With every node watching
 every task, each node is preferred for about 1/N of them, and a node that joins or
@@ -110,6 +110,11 @@ class Placement:
             self.waiting[task_id] = (choice, now)
             return False
         return now - waited[1] >= self.grace
+
+    def hand_over_due(self, task_id: str) -> bool:
+        """Whether a held lease has been held long enough to be handed over."""
+        since = self.held_since.get(task_id)
+        return since is not None and time.monotonic() - since >= self.settle
 
     def hand_over_to(self, task_id: str) -> str | None:
         """The node to hand a held lease to now, or None to keep it."""

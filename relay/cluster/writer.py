@@ -1,0 +1,171 @@
+"""`ChangeWriter`: the polling node's changes go to Redis together, one round trip a batch.
+
+A loop hands its change to `write` and waits. While one batch is in flight the next
+gathers, so under load a round trip carries many changes (group commit) and alone it
+carries one, at once. A batch is a pipeline of one fenced `STORE` per change (each on one
+task's keys), then one `PUBLISH` of the changes that were stored: a change is written
+once, and published small (its patch when it has one, not its state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import NoScriptError, RedisError
+
+from ..backend import Change
+from ..protocol import HISTORY_SIZE, dumps
+from .keys import CHANNEL, STORE, lease_key, ring_field, state_key
+
+MAX_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """How long stored keys live after their last write, in seconds."""
+
+    ended: int  # a task's states after its end
+    unknown: int  # a final error (an ID unknown upstream): as briefly as a relay alone
+
+
+def message_of(change: Change) -> dict[str, Any]:
+    """What followers get of a stored change (see `parse_change`)."""
+    if change.error is not None:
+        return {"t": change.task_id, "e": change.error, "final": change.final}
+    if change.patch is not None:
+        return {"t": change.task_id, "s": change.seq, "p": change.patch}
+    return {"t": change.task_id, "s": change.seq, "state": change.state}
+
+
+def store_args(node_id: str, change: Change, expiry: Expiry) -> list[Any]:
+    if change.error is not None:
+        if not change.final:
+            return [node_id, "", "error", "", 0]  # a passing outage: fenced, not stored
+        return [node_id, "", "error", dumps(change.error), expiry.unknown]
+    assert change.seq is not None
+    entry = dumps([change.seq, change.state])
+    keep = expiry.ended if change.ended else 0
+    return [node_id, change.seq, ring_field(change.seq, HISTORY_SIZE), entry, keep]
+
+
+class ChangeWriter:
+    def __init__(
+        self,
+        client: redis.Redis,
+        node_id: str,
+        expiry: Expiry,
+        failed: Callable[[str, BaseException], None],
+    ) -> None:
+        self._redis = client
+        self._node_id = node_id
+        self._expiry = expiry
+        self._failed = failed
+        self._sha: str | None = None
+        self._pending: list[tuple[Change, asyncio.Future[bool]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        # Every node receives its own messages too: they start with these bytes.
+        self.own_prefix = (dumps({"n": node_id})[:-1] + ",").encode()
+
+    def write(self, change: Change) -> Awaitable[bool]:
+        """Store and publish a change; True once stored, False when the lease is not ours."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((change, future))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush(), name="cluster writer")
+        return future
+
+    async def close(self) -> None:
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                results = await self._send(batch)
+                for (_, future), stored in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(stored)
+        finally:
+            self._flushing = None
+            for _, future in self._pending:  # cancelled mid-batch: nothing was written
+                if not future.done():
+                    future.set_result(False)
+            self._pending = []
+
+    async def _send(self, batch: list[tuple[Change, asyncio.Future[bool]]]) -> list[bool]:
+        try:
+            answers = await self._store_all([change for change, _ in batch])
+            if any(isinstance(answer, NoScriptError) for answer in answers):
+                self._sha = None  # Redis restarted and forgot the script: load it again
+                answers = await self._store_all([change for change, _ in batch])
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
+            results = [bool(answer) for answer in answers]
+            stored = [change for (change, _), done in zip(batch, results, strict=True) if done]
+            if stored:
+                message = {"n": self._node_id, "c": [message_of(c) for c in stored]}
+                await self._redis.publish(CHANNEL, dumps(message))
+        except (RedisError, OSError) as exc:
+            self._failed("publish", exc)
+            return [False] * len(batch)  # the loops stop polling; they retake free leases
+        return results
+
+    async def _store_all(self, changes: list[Change]) -> list[Any]:
+        """One pipeline of fenced stores; each answer is 1, 0 or the error it raised.
+
+        `EVALSHA` on a pipeline of its own, not redis-py's pipelined scripts, which ask
+        Redis whether the script exists before every batch."""
+        if self._sha is None:
+            self._sha = str(await self._redis.script_load(STORE))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for change in changes:
+                args = store_args(self._node_id, change, self._expiry)
+                pipe.evalsha(
+                    self._sha, 2, lease_key(change.task_id), state_key(change.task_id), *args
+                )
+            return list(await pipe.execute(raise_on_error=False))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One published message: the changes another node stored, and the leases it released."""
+
+    changes: list[Change]
+    released: list[str]
+
+
+def parse_batch(raw: Any) -> Batch | None:
+    """A published batch; None for anything malformed."""
+    try:
+        message = json.loads(raw)
+        changes = [parse_change(entry) for entry in message["c"]]
+        released = [str(task_id) for task_id in message.get("r", [])]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return Batch(changes, released)
+
+
+def parse_change(entry: dict[str, Any]) -> Change:
+    task_id = str(entry["t"])
+    if "e" in entry:
+        error = entry["e"]
+        return Change(
+            task_id,
+            error={"code": str(error["code"]), "message": str(error["message"])},
+            final=bool(entry.get("final")),
+        )
+    seq = int(entry["s"])
+    if "p" in entry:
+        if not isinstance(entry["p"], dict):
+            raise TypeError("a patch is an object")
+        return Change(task_id, seq, patch=entry["p"])
+    if not isinstance(entry["state"], dict):
+        raise TypeError("a state is an object")
+    return Change(task_id, seq, entry["state"])
