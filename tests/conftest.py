@@ -95,6 +95,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 MODULE_MARKERS = {
     "test_browser": "browser",  # Playwright driving Debian chromium
+    "test_browser_progress": "browser",  # onProgress and reconnecting, in Chromium too
+    "test_framework_example": "browser",  # examples/react's hook, in Chromium
     "test_relay_client_js": "browser",  # the browser client's JavaScript tests, run by Node
     "test_client_package": "browser",  # the browser client packed by npm, checked by tsc
     "test_cluster": "cluster",  # relay processes sharing Redis
