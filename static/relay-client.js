@@ -7,6 +7,7 @@
  *     const stop = subscribe(taskId, {
  *       transport: "sse",                      // or "ws"
  *       onState: (state) => render(state),     // always the whole current state
+ *       onProgress: (value) => (bar.value = value), // 0..1: smooth, never back, 1 on success
  *       onEnd: ({ status }) => done(status),   // "succeeded" | "failed"
  *       onError: (err) => warn(err),           // {code, message, retrying}
  *     });
@@ -33,6 +34,9 @@
  *
  * The functions above the transports are pure (no DOM, no network) and are
  * exported so that `node --test` can check them (tests/js/).
+ *
+ * The same file is the npm package comfy-relay-client (package.json beside it), with its
+ * TypeScript declarations in relay-client.d.ts: a change to the API changes both.
  *
  * @module relay-client
  */
@@ -1091,9 +1095,9 @@ export class RelayClient {
     // backoff (the browser may also have slowed the hidden page's timers down).
     this.onOnline = () => this.reconnectNow();
     this.onVisibility = () => {
-      if (globalThis.document?.visibilityState !== "visible") return;
-      this.frames.reschedule(); // from the hidden page's timer back to animation frames
-      this.reconnectNow();
+      // Hidden pages get no animation frames: switch between frames and the timer.
+      this.frames.reschedule();
+      if (globalThis.document?.visibilityState === "visible") this.reconnectNow();
     };
     globalThis.addEventListener?.("online", this.onOnline);
     globalThis.document?.addEventListener?.("visibilitychange", this.onVisibility);

@@ -208,7 +208,7 @@ describe("onProgress", () => {
     });
   });
 
-  test("runs on a timer while the page is hidden, and on frames again when it is shown", () => {
+  test("runs on a timer while the page is hidden, and on frames again when it is shown", async () => {
     const clock = new FakeClock();
     const page = new FakePage();
     install({ WebSocket: FakeWebSocket, clock, page });
@@ -224,6 +224,14 @@ describe("onProgress", () => {
     assert.equal(clock.pending, 1);
     clock.advance(100);
     assert.ok(seen.at(-1) > 0.5);
+
+    // Hidden again: the frame asked for would never come; the timer takes over.
+    page.setVisibility("hidden");
+    assert.equal(clock.pending, 0);
+    const before = seen.length;
+    clock.time += 1000; // no frames run: only the client's timer can see it
+    await new Promise((resolve) => setTimeout(resolve, 250));
+    assert.ok(seen.length > before, "the value moves on while the page is hidden");
   });
 
   test("a second subscriber to the same task gets the current value at once", async () => {
