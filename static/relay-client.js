@@ -265,9 +265,12 @@ export function mergeOptions(options = {}) {
  */
 export const DEFAULT_SMOOTHING = Object.freeze({
   /** the furthest the value runs ahead of the progress the upstream last reported */
-  maxLead: 0.05,
-  /** how long after a report the value keeps moving on the ETA alone, in ms */
-  horizonMs: 5000,
+  maxLead: 0.1,
+  /**
+   * how long after a report the value keeps moving on the ETA alone, in ms: two of the
+   * relay's default poll intervals, so that a late poll does not stall the bar
+   */
+  horizonMs: 2000,
   /** time constant of the catch-up when a report is ahead of the bar, in ms */
   catchUpMs: 400,
   /** the highest value reached on the ETA alone: only a success makes it 1 */

@@ -44,7 +44,7 @@ async ([taskId, transport, options]) => {
     });
 }
 """
-MAX_LEAD = 0.05  # DEFAULT_SMOOTHING.maxLead
+MAX_LEAD = 0.1  # DEFAULT_SMOOTHING.maxLead
 
 
 async def blank_page_on(page: Page, base: str) -> None:
