@@ -161,6 +161,8 @@ async def follow_and_lose_the_relay(
 
 @pytest.mark.timeout(90)
 async def test_back_online_reconnects_at_once(servers: Servers, page: Page) -> None:
+    # The WebSocket, which waits out the client's backoff. An EventSource the browser retries
+    # by itself (every few seconds) is re-opened too: tests/js/reconnect.test.mjs.
     _, seen = await follow_and_lose_the_relay(servers, page, "ws")
     await page.context.set_offline(True)
     await page.context.set_offline(False)  # the browser's `online` event
