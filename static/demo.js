@@ -9,6 +9,7 @@
 //   token=JWT          access token for every subscription (relays with RELAY_TOKEN_SECRET)
 //
 // For tests: window.relayStates[taskId] holds the client's current state,
+// window.relayProgress[taskId] every value onProgress gave the bar, in order,
 // window.relayConnectionLog the connection states seen, in order.
 
 import { ConnectionState, RelayClient, isValidTaskId } from "./relay-client.js";
@@ -100,6 +101,7 @@ const relay = new RelayClient(); // the relay that served this page
 /** taskId -> card record */
 const cards = new Map();
 window.relayStates = {};
+window.relayProgress = {};
 window.relayConnectionLog = [];
 
 // ---------------------------------------------------------------------------
@@ -161,6 +163,7 @@ function createCard(taskId, transport) {
     el,
     status: "connecting",
     finished: false,
+    progress: 0, // the client's smoothed progress (onProgress), 0 to 1
     unsubscribe: () => {},
     parts: {
       statusText: $(".status-text", el),
@@ -195,11 +198,7 @@ function renderState(card, state) {
   setStatus(card, status);
   show(parts.warning, "");
 
-  const progress = isNumber(state.progress) ? Math.min(1, Math.max(0, state.progress)) : 0;
-  const percent = status === "succeeded" ? 100 : Math.floor(progress * 100);
-  parts.fill.style.width = `${percent}%`;
-  parts.bar.setAttribute("aria-valuenow", String(percent));
-  parts.percent.textContent = `${percent}%`;
+  const percent = renderProgress(card, card.progress);
 
   const detail = state.state && typeof state.state === "object" ? state.state : {};
   const running = status === "running";
@@ -230,6 +229,23 @@ function renderState(card, state) {
   parts.bar.setAttribute("aria-valuetext", status === "succeeded" ? "100%, succeeded" : status === "failed" ? `${percent}%, failed` : valueText);
 
   renderImages(card, state.result);
+}
+
+/**
+ * The bar, from the client's onProgress: a value that never goes back and moves between
+ * the relay's states, so the fill is set at every animation frame (no CSS transition).
+ * Returns the whole percent shown.
+ */
+function renderProgress(card, value) {
+  const { parts } = card;
+  card.progress = value;
+  const percent = Math.floor(value * 100);
+  parts.fill.style.width = `${(value * 100).toFixed(2)}%`;
+  if (parts.percent.textContent !== `${percent}%`) {
+    parts.bar.setAttribute("aria-valuenow", String(percent));
+    parts.percent.textContent = `${percent}%`;
+  }
+  return percent;
 }
 
 function renderImages(card, result) {
@@ -330,6 +346,10 @@ function watch(taskId, transport = currentTransport(), { focus = false } = {}) {
       window.relayStates[taskId] = state;
       renderState(card, state);
       updateSummary();
+    },
+    onProgress(value) {
+      (window.relayProgress[taskId] ??= []).push(value);
+      renderProgress(card, value);
     },
     onEnd({ status, state }) {
       if (state) renderState(card, state);

@@ -7,6 +7,7 @@
  *     const stop = subscribe(taskId, {
  *       transport: "sse",                      // or "ws"
  *       onState: (state) => render(state),     // always the whole current state
+ *       onProgress: (value) => (bar.value = value), // 0..1: smooth, never back, 1 on success
  *       onEnd: ({ status }) => done(status),   // "succeeded" | "failed"
  *       onError: (err) => warn(err),           // {code, message, retrying}
  *     });
@@ -33,6 +34,9 @@
  *
  * The functions above the transports are pure (no DOM, no network) and are
  * exported so that `node --test` can check them (tests/js/).
+ *
+ * The same file is the npm package comfy-relay-client (package.json beside it), with its
+ * TypeScript declarations in relay-client.d.ts: a change to the API changes both.
  *
  * @module relay-client
  */
@@ -69,6 +73,9 @@ export const DEFAULT_OPTIONS = Object.freeze({
 
 const TASK_ID_RE = /^[A-Za-z0-9_-]{1,128}$/;
 const TERMINAL_STATUSES = new Set(["succeeded", "failed"]);
+// onProgress frames without requestAnimationFrame, or while the page is hidden (where
+// browsers run timers at most once a second anyway).
+const FRAME_FALLBACK_MS = 100;
 const { IDLE, CONNECTING, OPEN, RECONNECTING, DOWN } = ConnectionState;
 
 // ---------------------------------------------------------------------------
@@ -253,6 +260,148 @@ export function mergeOptions(options = {}) {
   return Object.freeze({ ...DEFAULT_OPTIONS, ...options });
 }
 
+/**
+ * Settings of a `ProgressSmoother`, each of which its constructor may override.
+ */
+export const DEFAULT_SMOOTHING = Object.freeze({
+  /** the furthest the value runs ahead of the progress the upstream last reported */
+  maxLead: 0.1,
+  /**
+   * how long after a report the value keeps moving on the ETA alone, in ms: two of the
+   * relay's default poll intervals, so that a late poll does not stall the bar
+   */
+  horizonMs: 2000,
+  /** time constant of the catch-up when a report is ahead of the bar, in ms */
+  catchUpMs: 400,
+  /** the highest value reached on the ETA alone: only a success makes it 1 */
+  ceiling: 0.99,
+});
+
+const SETTLED = 1e-4; // closer than this to where it is going, the value is there
+
+function clamp01(value) {
+  return Math.min(1, Math.max(0, value));
+}
+
+/**
+ * A task's overall progress for a progress bar, from the states the relay sends:
+ * a number in [0, 1] that never decreases, moves between reports toward where the
+ * upstream's ETA says the task will be, runs at most `maxLead` ahead of the last
+ * reported progress (and never to 1 on the ETA alone), and is exactly 1 once the
+ * task succeeded. A failed task's value stays where it is.
+ *
+ * Pure: no timers, no DOM. The caller says what time it is (in milliseconds, from
+ * any one clock, e.g. `performance.now()`); `RelayClient` drives one per task for
+ * `onProgress`, and any other UI can drive its own:
+ *
+ *     const smoother = new ProgressSmoother();
+ *     onState: (state) => smoother.update(state, performance.now()),
+ *     // and in each animation frame:
+ *     bar.value = smoother.valueAt(performance.now());
+ */
+export class ProgressSmoother {
+  /** @param {Partial<typeof DEFAULT_SMOOTHING>} [options] */
+  constructor(options = {}) {
+    for (const [key, value] of Object.entries(options)) {
+      if (!(key in DEFAULT_SMOOTHING)) throw new TypeError(`relay-client: unknown smoothing option ${key}`);
+      if (typeof value !== "number" || !(value >= 0)) {
+        throw new TypeError(`relay-client: ${key} must be a number, 0 or more`);
+      }
+    }
+    this.options = Object.freeze({ ...DEFAULT_SMOOTHING, ...options });
+    this.shown = 0; // the last value handed out: every later one is at least this
+    this.started = false;
+    this.done = false; // the task ended: the value moves no more
+    this.reported = 0; // the upstream's last progress
+    this.at = 0; // when it was reported
+    this.rate = 0; // progress per ms that the ETA promises from then on
+    this.gap = 0; // how far the bar was behind the report when it came
+  }
+
+  /** The last value handed out by `update` or `valueAt`. */
+  get value() {
+    return this.shown;
+  }
+
+  /**
+   * Take a state the relay sent, received at `now`; returns the value at `now`.
+   *
+   * @param {{status?: unknown, progress?: unknown, etaRelative?: unknown}} state
+   * @param {number} now
+   * @returns {number}
+   */
+  update(state, now) {
+    if (this.done) return this.shown;
+    const status = state?.status;
+    if (status === "succeeded") {
+      this.done = true;
+      this.shown = 1;
+      return 1;
+    }
+    const shownNow = this.started ? this.valueAt(now) : 0;
+    if (typeof state?.progress === "number" && Number.isFinite(state.progress)) {
+      this.reported = clamp01(state.progress);
+    }
+    if (status === "failed") {
+      // Stop where the upstream says it stopped, or where the bar already is.
+      this.done = true;
+      this.shown = Math.max(shownNow, this.reported);
+      return this.shown;
+    }
+    const eta = state?.etaRelative;
+    // Waiting: an ETA then may count the queue, and the work has not started.
+    const moving = status === "running" && typeof eta === "number" && Number.isFinite(eta) && eta > 0;
+    this.rate = moving ? (1 - this.reported) / (eta * 1000) : 0;
+    this.at = now;
+    if (!this.started) {
+      // The first state: show it as it is, without sweeping up from 0.
+      this.started = true;
+      this.gap = 0;
+      this.shown = this.reported;
+      return this.shown;
+    }
+    this.gap = Math.max(0, this.reported - shownNow);
+    return this.valueAt(now);
+  }
+
+  /**
+   * The value to show at `now`: never lower than any value handed out before.
+   *
+   * @param {number} now
+   * @returns {number}
+   */
+  valueAt(now) {
+    if (this.done || !this.started) return this.shown;
+    const elapsed = Math.max(0, now - this.at);
+    const limit = this.limit();
+    const ahead = Math.min(this.reported + this.rate * Math.min(elapsed, this.options.horizonMs), limit);
+    const catchUp = this.options.catchUpMs > 0 ? Math.exp(-elapsed / this.options.catchUpMs) : 0;
+    let value = ahead - this.gap * catchUp;
+    if (value > limit - SETTLED) value = limit;
+    this.shown = Math.max(this.shown, clamp01(value));
+    return this.shown;
+  }
+
+  /**
+   * Whether the value would still change without another update: false once the
+   * task ended, or when the value reached what the last report and its ETA allow.
+   *
+   * @param {number} now
+   * @returns {boolean}
+   */
+  moving(now) {
+    if (this.done || !this.started) return false;
+    return this.valueAt(now) < this.limit();
+  }
+
+  /** Where the value stops without another report. */
+  limit() {
+    const { maxLead, ceiling, horizonMs } = this.options;
+    const reach = this.reported + Math.min(this.rate * horizonMs, maxLead);
+    return Math.max(this.reported, Math.min(reach, ceiling));
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Helpers for the transports
 
@@ -281,7 +430,7 @@ function call(fn, ...args) {
 
 /** One task as seen by one client on one transport, shared by all subscribe() calls for it. */
 class TaskEntry {
-  constructor(taskId, token) {
+  constructor(taskId, token, frames) {
     this.taskId = taskId;
     this.token = token; // string, or a function returning one, or undefined
     this.state = undefined;
@@ -289,6 +438,9 @@ class TaskEntry {
     this.handlers = new Set();
     this.attempts = 0; // WebSocket: resubscriptions after "overloaded"
     this.retryTimer = null;
+    this.frames = frames; // the client's ProgressFrames, which move onProgress between states
+    this.smoother = new ProgressSmoother();
+    this.over = false;
   }
 
   currentToken() {
@@ -320,20 +472,112 @@ class TaskEntry {
   emit(kind, patch) {
     const info = { taskId: this.taskId, seq: this.seq, kind, patch };
     for (const h of [...this.handlers]) call(h.onState, this.state, info);
+    const now = this.frames.now();
+    this.smoother.update(this.state, now);
+    this.sendProgress();
+    if (this.wantsProgress() && this.smoother.moving(now)) this.frames.add(this);
   }
 
   end(status) {
     const info = { taskId: this.taskId, status: status ?? this.state?.status, state: this.state };
+    this.over = true;
+    this.frames.delete(this);
+    if (info.status === "succeeded" || info.status === "failed") {
+      this.smoother.update({ ...this.state, status: info.status }, this.frames.now());
+      this.sendProgress();
+    }
     for (const h of [...this.handlers]) call(h.onEnd, info);
   }
 
   error(err) {
     const info = { retrying: false, ...err, taskId: this.taskId };
+    if (info.retrying !== true) {
+      this.over = true;
+      this.frames.delete(this);
+    }
     for (const h of [...this.handlers]) call(h.onError, info);
   }
 
   isTerminal() {
     return TERMINAL_STATUSES.has(this.state?.status);
+  }
+
+  wantsProgress() {
+    return !this.over && [...this.handlers].some((h) => typeof h.onProgress === "function");
+  }
+
+  /** Hand each onProgress the smoothed value, when it differs from the last one it got. */
+  sendProgress() {
+    if (this.state === undefined) return;
+    const value = this.smoother.value;
+    for (const h of [...this.handlers]) {
+      if (typeof h.onProgress !== "function" || h.progress === value) continue;
+      h.progress = value;
+      call(h.onProgress, value, this.state);
+    }
+  }
+
+  /** One animation frame: returns whether the value still moves. */
+  frame(now) {
+    if (!this.wantsProgress()) return false;
+    const moving = this.smoother.moving(now);
+    this.sendProgress();
+    return moving;
+  }
+}
+
+/**
+ * Moves the `onProgress` values of a client's tasks between the relay's states: at
+ * display rate with `requestAnimationFrame` while the page is visible, on a timer
+ * otherwise (a hidden page, a worker, Node), and not at all while no value moves.
+ */
+class ProgressFrames {
+  constructor() {
+    this.entries = new Set();
+    this.cancel = null; // cancels the pending frame
+  }
+
+  now() {
+    return globalThis.performance?.now?.() ?? Date.now();
+  }
+
+  add(entry) {
+    this.entries.add(entry);
+    this.schedule();
+  }
+
+  delete(entry) {
+    this.entries.delete(entry);
+    if (this.entries.size === 0) this.stop();
+  }
+
+  schedule() {
+    if (this.cancel || this.entries.size === 0) return;
+    const frame = () => {
+      this.cancel = null;
+      const now = this.now();
+      for (const entry of [...this.entries]) if (!entry.frame(now)) this.entries.delete(entry);
+      this.schedule();
+    };
+    const visible = globalThis.document?.visibilityState !== "hidden";
+    if (visible && typeof globalThis.requestAnimationFrame === "function") {
+      const id = globalThis.requestAnimationFrame(frame);
+      this.cancel = () => globalThis.cancelAnimationFrame?.(id);
+    } else {
+      const id = setTimeout(frame, FRAME_FALLBACK_MS);
+      this.cancel = () => clearTimeout(id);
+    }
+  }
+
+  /** The page was hidden or shown: a frame requested before may never come, or come late. */
+  reschedule() {
+    this.stop();
+    this.schedule();
+  }
+
+  stop() {
+    this.cancel?.();
+    this.cancel = null;
   }
 }
 
@@ -343,7 +587,7 @@ class TaskEntry {
 //   state        a ConnectionState, IDLE whenever no task is subscribed
 //   add(entry)   start delivering a task's events to entry
 //   remove(id)   stop, and tell the relay when the connection stays open
-//   retryNow()   skip a pending backoff (the browser is back online)
+//   retryNow()   reconnect now what is down (the browser is back online, the page visible)
 //   close()      drop everything
 
 /** One WebSocket for all of a client's "ws" subscriptions. */
@@ -592,9 +836,13 @@ class SseTransport {
   }
 
   retryNow() {
-    if (!this.retryTimer) return;
+    // Streams the browser is retrying by itself wait out the relay's `retry:` hint (several
+    // seconds during a shutdown): re-open those too.
+    const retrying = [...this.streams].filter((stream) => stream.state === RECONNECTING);
+    if (!this.retryTimer && retrying.length === 0) return;
     clearTimeout(this.retryTimer);
     this.retryTimer = null;
+    for (const stream of retrying) stream.stale = true;
     this.reconcile();
   }
 
@@ -845,9 +1093,27 @@ export class RelayClient {
     this.transports = { [Transport.SSE]: new SseTransport(this), [Transport.WS]: new WebSocketTransport(this) };
     this.listeners = new Set();
     this.last = { state: IDLE, sse: IDLE, ws: IDLE };
-    // Back online: retry now instead of waiting out the backoff.
-    this.onOnline = () => Object.values(this.transports).forEach((t) => t.retryNow());
+    this.frames = new ProgressFrames();
+    // Back online, or back in front of the user: reconnect now instead of waiting out a
+    // backoff (the browser may also have slowed the hidden page's timers down).
+    this.onOnline = () => this.reconnectNow();
+    this.onVisibility = () => {
+      // Hidden pages get no animation frames: switch between frames and the timer.
+      this.frames.reschedule();
+      if (globalThis.document?.visibilityState === "visible") this.reconnectNow();
+    };
     globalThis.addEventListener?.("online", this.onOnline);
+    globalThis.document?.addEventListener?.("visibilitychange", this.onVisibility);
+  }
+
+  /**
+   * Reconnect at once every connection that is down: waiting out a backoff, or left to
+   * the browser's own EventSource retry. Connections that are up are left alone. The
+   * client calls it by itself when the browser goes back online and when a hidden page
+   * is shown again.
+   */
+  reconnectNow() {
+    Object.values(this.transports).forEach((t) => t.retryNow());
   }
 
   /**
@@ -873,15 +1139,20 @@ export class RelayClient {
    *   Called on relay errors. With `retrying: true` (e.g. "upstream_unavailable")
    *   the subscription goes on; otherwise (e.g. "task_not_found") it is over and
    *   `onEnd` is not called.
+   * @param {(value: number, state: object) => void} [options.onProgress]
+   *   The task's overall progress for a progress bar, in [0, 1], with the current
+   *   state: it never decreases, moves between the relay's states toward where the
+   *   upstream's ETA says the task will be (in animation frames while the page is
+   *   visible), and is exactly 1 when the task succeeded. See `ProgressSmoother`.
    * @returns {() => void} unsubscribe (safe to call more than once, or after the end)
    */
   subscribe(taskId, options = {}) {
-    const { transport = Transport.SSE, token, onState, onEnd, onError } = options;
+    const { transport = Transport.SSE, token, onState, onEnd, onError, onProgress } = options;
     if (!Object.values(Transport).includes(transport)) {
       throw new TypeError(`relay-client: transport must be "sse" or "ws", not ${JSON.stringify(transport)}`);
     }
     const carrier = this.transports[transport];
-    const handler = { onState, onEnd, onError };
+    const handler = { onState, onEnd, onError, onProgress, progress: undefined };
     if (!isValidTaskId(taskId)) {
       queueMicrotask(() =>
         call(onError, {
@@ -901,11 +1172,13 @@ export class RelayClient {
         queueMicrotask(() => {
           if (entry.handlers.has(handler) && entry.state !== undefined) {
             call(onState, entry.state, { taskId, seq: entry.seq, kind: "snapshot", patch: undefined });
+            entry.sendProgress();
+            if (entry.wantsProgress()) entry.frames.add(entry);
           }
         });
       }
     } else {
-      entry = new TaskEntry(taskId, token);
+      entry = new TaskEntry(taskId, token, this.frames);
       entry.handlers.add(handler);
       carrier.add(entry);
     }
@@ -954,7 +1227,10 @@ export class RelayClient {
   /** End every subscription without calling back, and close the connections. */
   close() {
     Object.values(this.transports).forEach((t) => t.close());
+    this.frames.entries.clear();
+    this.frames.stop();
     globalThis.removeEventListener?.("online", this.onOnline);
+    globalThis.document?.removeEventListener?.("visibilitychange", this.onVisibility);
     this.updateConnection();
   }
 

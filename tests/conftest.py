@@ -95,7 +95,10 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 MODULE_MARKERS = {
     "test_browser": "browser",  # Playwright driving Debian chromium
+    "test_browser_progress": "browser",  # onProgress and reconnecting, in Chromium too
+    "test_framework_example": "browser",  # examples/react's hook, in Chromium
     "test_relay_client_js": "browser",  # the browser client's JavaScript tests, run by Node
+    "test_client_package": "browser",  # the browser client packed by npm, checked by tsc
     "test_cluster": "cluster",  # relay processes sharing Redis
     "test_soak": "slow",  # a bounded soak: 35 s of churn (SOAK_SECONDS), then a wait for TTLs
     "test_slow_clients": "slow",  # 8 s of fat states per transport, and a relay process

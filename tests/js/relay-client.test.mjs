@@ -1,4 +1,5 @@
 // Unit tests of static/relay-client.js under Node's own runner: `node --test tests/js/`.
+// progress.test.mjs and reconnect.test.mjs test onProgress and reconnecting.
 // The pure functions need no browser; the last tests drive a RelayClient over stand-ins
 // for EventSource, WebSocket and fetch. tests/test_relay_client_js.py runs this file.
 // static/package.json says `"type": "module"`, so that any Node (18 too) loads the client
@@ -24,6 +25,7 @@ import {
   streamUrl,
   webSocketUrl,
 } from "../../static/relay-client.js";
+import { FakeEventSource, FakeWebSocket, install, restore, tick } from "./fakes.mjs";
 
 const BASE = "http://relay.test/";
 
@@ -190,87 +192,24 @@ describe("options", () => {
 });
 
 // ---------------------------------------------------------------------------
-// A RelayClient over stand-ins for the browser's EventSource, WebSocket and fetch.
-
-const tick = () => new Promise((resolve) => setTimeout(resolve, 5));
-
-class FakeEventSource {
-  static CLOSED = 2;
-  static opened = [];
-
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.listeners = new Map();
-    FakeEventSource.opened.push(this);
-  }
-
-  addEventListener(type, fn) {
-    this.listeners.set(type, fn);
-  }
-
-  close() {
-    this.readyState = FakeEventSource.CLOSED;
-  }
-
-  get taskIds() {
-    const url = new URL(this.url);
-    return url.pathname === "/v1/events" ? url.searchParams.getAll("taskId") : [url.pathname.split("/")[3]];
-  }
-
-  /** The browser gave up on the stream (what it does on a 4xx). */
-  giveUp() {
-    this.readyState = FakeEventSource.CLOSED;
-    this.listeners.get("error")({});
-  }
-}
-
-class FakeWebSocket {
-  static OPEN = 1;
-  static opened = [];
-
-  constructor(url) {
-    this.url = url;
-    this.readyState = 0;
-    this.sent = [];
-    FakeWebSocket.opened.push(this);
-  }
-
-  send(text) {
-    this.sent.push(JSON.parse(text));
-  }
-
-  close() {
-    this.readyState = 3;
-  }
-
-  open() {
-    this.readyState = FakeWebSocket.OPEN;
-    this.onopen();
-  }
-
-  receive(message) {
-    this.onmessage({ data: JSON.stringify(message) });
-  }
-}
+// A RelayClient over stand-ins for the browser's EventSource, WebSocket and fetch (fakes.mjs).
 
 describe("RelayClient", () => {
-  const saved = { EventSource: globalThis.EventSource, WebSocket: globalThis.WebSocket, fetch: globalThis.fetch };
   let client;
 
   afterEach(() => {
     client?.close();
-    Object.assign(globalThis, saved);
-    FakeEventSource.opened = [];
-    FakeWebSocket.opened = [];
+    restore();
   });
 
   test("a relay with a lower stream cap shrinks the streams, not the caller's options", async () => {
-    globalThis.EventSource = FakeEventSource;
-    globalThis.fetch = async () => ({
-      status: 400,
-      headers: { get: () => null },
-      json: async () => ({ code: "too_many_tasks", message: "at most 2", retrying: false }),
+    install({
+      EventSource: FakeEventSource,
+      fetch: async () => ({
+        status: 400,
+        headers: { get: () => null },
+        json: async () => ({ code: "too_many_tasks", message: "at most 2", retrying: false }),
+      }),
     });
     const options = { maxTasksPerStream: 32 };
     client = new RelayClient(BASE, options);
@@ -289,7 +228,7 @@ describe("RelayClient", () => {
   });
 
   test("the WebSocket reads idle as soon as no task is watched", async () => {
-    globalThis.WebSocket = FakeWebSocket;
+    install({ WebSocket: FakeWebSocket });
     client = new RelayClient(BASE, { wsIdleCloseMs: 60_000 });
     const seen = [];
     client.onConnection((state, detail) => seen.push([state, detail.ws]));
