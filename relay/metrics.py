@@ -102,7 +102,8 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "relay_redis_errors",
-            "Failed Redis operations, by kind (heartbeat, publish, subscribe, read, lease, interest)",
+            "Failed Redis operations, by kind"
+            " (heartbeat, publish, subscribe, read, lease, interest)",
             ["operation"],
             registry=self.registry,
         )

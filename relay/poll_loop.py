@@ -28,8 +28,9 @@ logger = logging.getLogger("relay.poll")
 CLUSTER_UNAVAILABLE = (
     "this relay cannot reach Redis, so it can neither poll nor follow the task; retrying"
 )
-# A follower reads the stored state every this many checks, in case a message was lost
-# without the channel breaking (a broken channel resyncs at once).
+# A follower reads the stored state (and who holds the lease) every this many checks, in
+# case a change or a release was lost without the channel breaking (a broken channel
+# resyncs at once).
 FOLLOWER_RESYNC = 10
 
 

@@ -23,7 +23,7 @@ from relay.protocol import dumps
 
 from .clients import sse_events, wait_for
 from .conftest import RelayFactory, SimulatedUpstream
-from .servers import free_port
+from .servers import RedisServer, free_port
 
 LEASE_TTL = 0.6
 
@@ -199,3 +199,31 @@ async def test_a_relay_that_cannot_reach_redis_says_so_in_its_log_and_to_subscri
     lines = [r.getMessage() for r in caplog.records if r.name == "relay.cluster"]
     assert any("cannot reach Redis at redis://:***@127.0.0.1" in line for line in lines), lines
     assert not any("hunter2" in line for line in lines)
+
+
+async def test_subscribers_of_a_node_cut_off_from_redis_are_told_and_then_carry_on(
+    make_relay: RelayFactory, upstream: SimulatedUpstream, http: httpx.AsyncClient
+) -> None:
+    server = RedisServer().start()
+    try:
+        relay = make_relay(redis_url=server.url, lease_ttl=LEASE_TTL)
+        task_id = upstream.start_task(queue=0.2, duration=30)
+        events = sse_events(http, f"{relay.url}/v1/tasks/{task_id}/events")
+        first = await anext(events)
+        assert first.event == "snapshot", first
+        server.stop()
+        started = time.monotonic()
+        async for event in events:
+            if event.event == "error":
+                data = event.data if isinstance(event.data, dict) else json.loads(event.data)
+                assert data["code"] == "cluster_unavailable" and data["retrying"] is True
+                break
+        assert time.monotonic() - started < LEASE_TTL * 6
+        # Redis is back (on the same port): the stream carries on with new states.
+        server.start()
+        async for event in events:
+            if event.event in ("patch", "snapshot"):
+                break
+        await events.aclose()
+    finally:
+        server.stop()

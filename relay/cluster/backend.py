@@ -161,15 +161,23 @@ class RedisBackend:
         ]
 
     async def close(self) -> None:
+        """Stop, leave the registry and release the leases held: bounded, so that a Redis
+        that stopped answering cannot hold the relay's shutdown (the leases then end with
+        this node's heartbeat)."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._writer.close()
-        # Leave the registry first, so that no node waits for this one to take a lease.
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.zrem(NODES, self.node_id)
-        for task_id in list(self.leases):
-            await self.release(task_id)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=REDIS_TIMEOUT)
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT * 2):
+                await self._writer.close()
+                # Leave the registry first, so that no node waits for this one to take a lease.
+                with contextlib.suppress(RedisError, OSError):
+                    await self._redis.zrem(NODES, self.node_id)
+                for task_id in list(self.leases):
+                    await self.release(task_id)
+        except TimeoutError:
+            logger.warning("Redis at %s did not answer: leaving the cluster unannounced", self.url)
         await self._redis.aclose(close_connection_pool=True)
 
     async def _tick_forever(self) -> None:
@@ -297,10 +305,18 @@ class RedisBackend:
         For a task this node wants, a state it has already seen is left out."""
         known = self._known.get(task_id, -1)
         try:
-            raw_seq, raw_error, fields = await self._load(keys=[state_key(task_id)], args=[known])
+            raw_seq, raw_error, holder, fields = await self._load(
+                keys=[state_key(task_id), lease_key(task_id)], args=[known]
+            )
         except (RedisError, OSError) as exc:
             self.failed("read", exc)
             return None
+        if task_id in self._wanted:
+            # Who polls it now: a release whose message was lost is noticed here.
+            if holder is None:
+                self._holders.pop(task_id, None)
+            else:
+                self._holders[task_id] = holder.decode()
         error = json.loads(raw_error) if raw_error is not None else None
         seq = int(raw_seq) if raw_seq is not None else None
         ring = ring_entries(fields, seq)

@@ -71,10 +71,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: state. ARGV: the seq the reader holds. {seq, error, fields}: the fields (the ring)
-# only when the stored seq is newer than the reader's, so a look costs a few bytes.
+# KEYS: state, lease. ARGV: the seq the reader holds. {seq, error, holder, fields}: the
+# fields (the ring) only when the stored seq is newer than the reader's, so that a
+# follower's look costs a few bytes; the holder tells it whether anyone polls the task.
 LOAD = """
 local seq, err = unpack(redis.call('HMGET', KEYS[1], 'seq', 'error'))
-if not seq or tonumber(seq) <= tonumber(ARGV[1]) then return {seq, err, {}} end
-return {seq, err, redis.call('HGETALL', KEYS[1])}
+local holder = redis.call('GET', KEYS[2])
+if not seq or tonumber(seq) <= tonumber(ARGV[1]) then return {seq, err, holder, {}} end
+return {seq, err, holder, redis.call('HGETALL', KEYS[1])}
 """
