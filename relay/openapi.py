@@ -8,6 +8,7 @@ The WebSocket's messages are described in AsyncAPI, in docs/asyncapi.yaml.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from starlette.requests import Request
@@ -843,3 +844,8 @@ def openapi_route(*, simulated: bool) -> Route:
         return Response(document, media_type="application/json")
 
     return Route("/openapi.json", openapi)
+
+
+if __name__ == "__main__":
+    # docs/openapi.json: python -m relay.openapi > docs/openapi.json
+    print(json.dumps(openapi_document(simulated=True), indent=2, ensure_ascii=False))
