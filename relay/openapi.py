@@ -706,7 +706,8 @@ def components() -> Schema:
             },
             "MergePatch": {
                 "type": "object",
-                "description": "An RFC 7396 merge patch; `null` removes a member.",
+                "description": "An RFC 7396 merge patch from the state before; `null` removes a "
+                "member.",
             },
             "End": {
                 "type": "object",
