@@ -264,6 +264,7 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
             from .redis_backend import RedisBackend
 
             backend = RedisBackend(settings.redis_url, settings.lease_ttl, metrics)
+            metrics.watch_redis(backend)
         chosen = backend
 
         async def poll(task: TaskHub, signal: LoopSignal) -> None:
@@ -350,7 +351,14 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
                 max_age=600,
             )
         )
-    middleware.append(Middleware(ConnectionLimit, limit=settings.max_connections))
+    middleware.append(
+        Middleware(
+            ConnectionLimit,
+            limit=settings.max_connections,
+            counted=metrics.connections_changed,
+        )
+    )
+    metrics.caps(settings.max_connections, settings.max_loops)
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.simulator = simulator
     return app
