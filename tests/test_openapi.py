@@ -1,4 +1,4 @@
-"""The OpenAPI document: valid 3.1, true to the app's routes, and held to by schemathesis."""
+"""The OpenAPI document: valid 3.1, true to the routes and webhooks, held to by schemathesis."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route, WebSocketRoute
 
@@ -20,8 +23,11 @@ from relay.app import create_app
 from relay.config import Settings
 from relay.openapi import openapi_document
 
-from .conftest import FAST
+from .clients import wait_for
+from .conftest import FAST, SimulatedUpstream
 from .servers import ROOT, ThreadServer
+from .test_webhooks import API_KEY as WEBHOOK_API_KEY
+from .test_webhooks import FAST_RETRY, Receiver, watch_settings
 
 DOCS_COPY = ROOT / "docs" / "openapi.json"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -172,3 +178,57 @@ def test_the_settings_the_document_names_exist() -> None:
     variables = set(re.findall(r"RELAY_[A-Z_]+", text))
     known = {env for f in Settings.__dataclass_fields__.values() for env in f.metadata["env"]}
     assert variables and variables <= known, variables - known
+
+
+def document_validator(document: dict[str, Any], pointer: str) -> Draft202012Validator:
+    """A validator of the schema at `pointer` in the document, its `$ref`s resolved there."""
+    registry: Registry[Any] = Registry().with_resource(
+        "urn:openapi", Resource(contents=document, specification=DRAFT202012)
+    )
+    return Draft202012Validator({"$ref": f"urn:openapi#{pointer}"}, registry=registry)
+
+
+async def test_webhook_deliveries_fit_the_documents_webhooks(
+    upstream: SimulatedUpstream, tmp_path: Path
+) -> None:
+    """task.changed and task.ended of a task watched to its end, and watch.expired of one
+    watched past the watch TTL, each as the `webhooks` section describes it."""
+    document = openapi_document(simulated=False)
+    parameters = document["components"]["parameters"]
+    webhooks = {
+        event: document_validator(
+            document, f"/webhooks/{name}/post/requestBody/content/application~1json/schema"
+        )
+        for event, name in [
+            ("task.changed", "taskChanged"),
+            ("task.ended", "taskEnded"),
+            ("watch.expired", "watchExpired"),
+        ]
+    }
+    receiver = Receiver()
+    settings = watch_settings(
+        upstream.url, receiver.url, tmp_path, webhook_events="all", watch_ttl=1.5
+    )
+    relay = ThreadServer(create_app(settings, webhook_retry=FAST_RETRY)).start()
+    try:
+        ending = upstream.start_task(queue=0.1, duration=0.5)
+        outliving = upstream.start_task(queue=0, duration=60)
+        auth = {"Authorization": f"Bearer {WEBHOOK_API_KEY}"}
+        async with httpx.AsyncClient(base_url=relay.url, headers=auth) as http:
+            for task_id in (ending, outliving):
+                assert (await http.post(f"/v1/tasks/{task_id}/watch")).status_code == 202
+
+        def types() -> set[str]:
+            return {r.payload["type"] for r in receiver.delivered()}
+
+        await wait_for(lambda: set(webhooks) <= types(), timeout=15)
+    finally:
+        relay.stop()
+        receiver.stop()
+    for received in receiver.delivered():
+        assert received.payload is not None  # the signature held
+        webhooks[received.payload["type"]].validate(received.payload)
+        assert re.fullmatch(
+            parameters["WebhookTimestamp"]["schema"]["pattern"].strip("^$"), received.timestamp
+        )
+        assert received.id.startswith("msg_")
