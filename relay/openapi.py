@@ -245,10 +245,6 @@ def task_paths() -> dict[str, Schema]:
                 f"`snapshot`, `patch`, `end` and `error` from the relay ({ASYNCAPI_DOCUMENT}). "
                 "A token, when tokens are on, goes in each `subscribe`.",
                 "tags": ["streams"],
-                "externalDocs": {
-                    "description": "The messages, in AsyncAPI 3.0",
-                    "url": "asyncapi.yaml",
-                },
                 "parameters": [
                     {
                         "name": "Upgrade",
