@@ -40,6 +40,7 @@ from .service import OVERLOADED_MESSAGE, Relay, StateLookup, relay_of
 from .signing import make_signer
 from .simulator import Simulator
 from .sse import many_task_events, refusal_response, task_events
+from .subscriber import watchdog_of
 from .upstream import (
     TaskNotFound,
     Unauthorized,
@@ -278,6 +279,11 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
             on_subscribers=metrics.subscribers_changed,
         )
         metrics.watch(upstream.budget, hub)
+        metrics.resets.counts = lambda: (
+            watchdog_of(
+                hub, ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
+            ).resets
+        )
         lookup = StateLookup(upstream)
         store: WatchStore | None = None
         watches: Watches | None = None

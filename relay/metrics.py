@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -45,6 +45,25 @@ class PushedMessages(Collector):
         yield family
 
 
+class SlowClientResets(Collector):
+    """`relay_slow_clients_reset_total`, read from the watchdog's counts when scraped."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], Mapping[str, int]] = dict
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "relay_slow_clients_reset",
+            "Connections reset because their client stopped reading for RELAY_SEND_TIMEOUT,"
+            " by transport",
+            labels=["transport"],
+        )
+        counts = self.counts()
+        for transport in ("sse", "ws"):
+            family.add_metric([transport], counts.get(transport, 0))
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -76,6 +95,8 @@ class Metrics:
         )
         self.messages = PushedMessages()
         self.registry.register(self.messages)
+        self.resets = SlowClientResets()
+        self.registry.register(self.resets)
         self.budget_waiting = Gauge(
             "relay_upstream_budget_waiting",
             "Poll loops waiting for their turn in the upstream rate budget",
