@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import unquote
@@ -17,14 +17,16 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute, request_response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from .backend import Backend, LocalBackend
 from .config import Settings
 from .hub import Hub, LoopSignal, TaskHub
 from .limits import ConnectionLimit
 from .metrics import Metrics
+from .openapi import openapi_route
 from .poll_loop import PollPolicy, poll_task
 from .protocol import (
     ErrorCode,
@@ -116,6 +118,16 @@ async def task_route(request: Request) -> Response:
     return await task_state(request)
 
 
+class EveryMethod:
+    """A request-response endpoint as an ASGI app, so that its `Route` takes every method."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.app = request_response(endpoint)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 def method_not_allowed(allow: str) -> Response:
     return PlainTextResponse("Method Not Allowed", status_code=405, headers={"Allow": allow})
 
@@ -191,6 +203,14 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def upgrade_required(request: Request) -> Response:
+    """`/v1/ws` over plain HTTP: say what the endpoint takes, rather than a bare 404."""
+    message = "/v1/ws takes only WebSocket upgrades"
+    response = error_response(426, ErrorCode.BAD_REQUEST, message)
+    response.headers["Upgrade"] = "websocket"
+    return response
+
+
 async def index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -252,6 +272,7 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
             from .cluster import RedisBackend
 
             backend = RedisBackend(settings.redis_url, settings.lease_ttl, metrics)
+            metrics.watch_redis(backend)
         chosen = backend
 
         async def poll(task: TaskHub, signal: LoopSignal) -> None:
@@ -293,6 +314,7 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
         watchdog = Watchdog(
             ping_interval=settings.ping_interval, send_timeout=settings.send_timeout
         )
+        metrics.resets.counts = lambda: watchdog.resets
         app.state.relay = Relay(
             settings, hub, backend, upstream, metrics, lookup, watchdog, watches=watches
         )
@@ -319,10 +341,13 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
         Route("/", index),
         Route("/healthz", healthz),
         Route("/metrics", metrics.endpoint),
-        Route("/v1/tasks/{rest:anytext}", task_route, methods=["GET", "HEAD", "POST", "DELETE"]),
+        # Every method reaches task_route, whose 405 names the methods of the path asked.
+        Route("/v1/tasks/{rest:anytext}", EveryMethod(task_route)),
         Route("/v1/watches", list_watches),
         Route("/v1/events", many_task_events),
         WebSocketRoute("/v1/ws", websocket_endpoint),
+        Route("/v1/ws", upgrade_required),
+        openapi_route(simulated=simulator is not None),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]
     if simulator is not None:
@@ -340,7 +365,14 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
                 max_age=600,
             )
         )
-    middleware.append(Middleware(ConnectionLimit, limit=settings.max_connections))
+    middleware.append(
+        Middleware(
+            ConnectionLimit,
+            limit=settings.max_connections,
+            counted=metrics.connections_changed,
+        )
+    )
+    metrics.caps(settings.max_connections, settings.max_loops)
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.simulator = simulator
     app.state.settings = settings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .responses import overloaded_response
@@ -15,10 +17,14 @@ class ConnectionLimit:
     so they keep answering when the relay is full.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, counted: Callable[[int], None] | None = None
+    ) -> None:
+        """`counted` hears each change of the open count (+1, -1): the metrics' gauge."""
         self.app = app
         self.limit = limit
         self.open = 0
+        self.counted = counted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not scope["path"].startswith("/v1/"):
@@ -28,10 +34,14 @@ class ConnectionLimit:
             await self.refuse(scope, receive, send)
             return
         self.open += 1
+        if self.counted is not None:
+            self.counted(1)
         try:
             await self.app(scope, receive, send)
         finally:
             self.open -= 1
+            if self.counted is not None:
+                self.counted(-1)
 
     async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"the relay holds its maximum of {self.limit} connections; retry later"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .backend import Backend
 from .hub import Hub
 from .subscriber import PUSH_TRANSPORTS
 from .upstream.budget import RateBudget
@@ -39,6 +40,25 @@ class PushedMessages(Collector):
             labels=["transport"],
         )
         counts = self.hub.pushed_counts if self.hub is not None else {}
+        for transport in PUSH_TRANSPORTS:
+            family.add_metric([transport], counts.get(transport, 0))
+        yield family
+
+
+class SlowClientResets(Collector):
+    """`relay_slow_clients_reset_total`, read from the watchdog's counts when scraped."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], Mapping[str, int]] = dict
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "relay_slow_clients_reset",
+            "Connections reset because their client stopped reading for RELAY_SEND_TIMEOUT,"
+            " by transport",
+            labels=["transport"],
+        )
+        counts = self.counts()
         for transport in PUSH_TRANSPORTS:
             family.add_metric([transport], counts.get(transport, 0))
         yield family
@@ -75,6 +95,8 @@ class Metrics:
         )
         self.messages = PushedMessages()
         self.registry.register(self.messages)
+        self.resets = SlowClientResets()
+        self.registry.register(self.resets)
         self.budget_waiting = Gauge(
             "relay_upstream_budget_waiting",
             "Poll loops waiting for their turn in the upstream rate budget",
@@ -134,6 +156,21 @@ class Metrics:
             "Age of the oldest undelivered webhook event; 0 when none waits",
             registry=self.registry,
         )
+        self.connections = Gauge(
+            "relay_connections",
+            "Open /v1/ requests and WebSockets, counted against the connection cap",
+            registry=self.registry,
+        )
+        self.connections_max = Gauge(
+            "relay_connections_max",
+            "The connection cap (RELAY_MAX_CONNECTIONS)",
+            registry=self.registry,
+        )
+        self.poll_loops_max = Gauge(
+            "relay_poll_loops_max",
+            "The poll-loop cap (RELAY_MAX_LOOPS)",
+            registry=self.registry,
+        )
         for delivery in OUTCOMES:
             self.webhook_deliveries.labels(delivery)
         # Bound once: looking a label up costs more than the increment.
@@ -148,6 +185,22 @@ class Metrics:
         self.backing_off.set_function(lambda: hub.backing_off)
         self.tasks.set_function(lambda: hub.task_count)
         self.messages.hub = hub
+
+    def caps(self, max_connections: int, max_loops: int) -> None:
+        self.connections_max.set(max_connections)
+        self.poll_loops_max.set(max_loops)
+
+    def connections_changed(self, delta: int) -> None:
+        self.connections.inc(delta)
+
+    def watch_redis(self, backend: Backend) -> None:
+        """`relay_redis_healthy`, in cluster mode only: 0 while this node cannot reach Redis."""
+        healthy = Gauge(
+            "relay_redis_healthy",
+            "1 while this node reaches Redis, 0 while it cannot (serving what it holds)",
+            registry=self.registry,
+        )
+        healthy.set_function(lambda: 1.0 if backend.healthy else 0.0)
 
     def watch_webhooks(self, watches: Watches | None, webhooks: Webhooks | None) -> None:
         """Read the watch and outbox gauges when scraped."""

@@ -64,6 +64,15 @@ IMAGE_SVG = (
 )
 
 
+def seconds(value: object, name: str) -> float | None:
+    """A number from a control request's body (not a boolean, not a string); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number")
+    return float(value)
+
+
 @dataclass
 class SimTask:
     task_id: str
@@ -332,11 +341,12 @@ class Simulator:
             options = json.loads(await request.body() or b"{}")
             if not isinstance(options, dict):
                 raise ValueError("body must be a JSON object")
-            queue = options.get("queue")
-            queue = None if queue is None else float(queue)
-            duration = float(options.get("duration", 20.0))
+            queue = seconds(options.get("queue"), "queue")
+            duration = seconds(options.get("duration", 20.0), "duration")
             fail = options.get("fail")
-            if not ((queue is None or 0 <= queue <= 3600) and 0 < duration <= 3600):
+            if duration is None or not (
+                (queue is None or 0 <= queue <= 3600) and 0 < duration <= 3600
+            ):
                 raise ValueError("queue must be 0-3600 s and duration 0-3600 s")
             if fail is not None and not isinstance(fail, bool):
                 raise ValueError("fail must be true, false or absent")
@@ -368,7 +378,7 @@ class Simulator:
             for name, value in options.items():
                 if name not in Faults.__dataclass_fields__ or name == "script":
                     raise ValueError(f"unknown fault setting {name!r}")
-                if not isinstance(value, int | float) or value < 0:
+                if seconds(value, name) is None or value < 0:
                     raise ValueError(f"{name} must be a number >= 0")
             if script is not None and (
                 not isinstance(script, list) or any(s not in (*FAULT_KINDS, "ok") for s in script)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from .subscriber import Subscriber
@@ -60,6 +61,7 @@ class Watchdog:
         self._timer: asyncio.TimerHandle | None = None
         self._next_sweep = 0.0
         self.shutting_down = False
+        self.resets: Counter[str] = Counter()  # stuck clients reset, by transport (metrics)
 
     def __len__(self) -> int:
         return len(self._watched)
@@ -151,6 +153,7 @@ class Watchdog:
     ) -> None:
         """A client that stopped reading: reset its connection, which ends the send."""
         logger.info("dropping a %s client that stopped reading", subscriber.transport)
+        self.resets[subscriber.transport] += 1
         subscriber.drop()
         if transport is not None:
             reset_transport(transport)

@@ -187,5 +187,8 @@ async def test_client_that_stops_reading_is_dropped_and_others_get_every_update(
     assert sorted(dropped) == list(range(STUCK_CLIENTS)), dropped
     assert max(dropped.values()) < 2 + SEND_TIMEOUT + 1.5, dropped
     assert peak - baseline < 100 * 1024 * 1024, (baseline, peak)
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(relay.url + "/metrics")).text
+    assert f'relay_slow_clients_reset_total{{transport="{transport}"}} {STUCK_CLIENTS}.0' in metrics
     for sock in stuck:
         sock.close()
