@@ -1,7 +1,7 @@
 """Where changes go and who polls: the interface between a relay and the rest of its cluster.
 
 A relay alone uses `LocalBackend`: it polls every task its subscribers watch and
-tells no one else. Several relays share a `RedisBackend` (`redis_backend.py`):
+tells no one else. Several relays share a `RedisBackend` (`cluster/backend.py`):
 one of them holds a task's lease and polls it, stores each change and publishes it;
 the others follow. The poll loop (`poll_loop.py`) is written once, against this
 interface, and the data crosses it in one direction per concern:

@@ -1,6 +1,6 @@
 """Which node of a cluster should poll a task: rendezvous hashing over the nodes watching it.
 
-The lease (`redis_backend.py`) still decides who polls; this decides who asks for it.
+The lease (`backend.py`, `RedisBackend`) still decides who polls; this decides who asks for it.
 Each task has a preferred node, the one with the highest `weight(node, task)` among
 the live nodes that watch the task (have subscribers to it). With every node watching
 every task, each node is preferred for about 1/N of them, and a node that joins or

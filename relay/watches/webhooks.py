@@ -1,6 +1,6 @@
 """Webhooks: the events of watched tasks, POSTed to the backend, signed, retried until delivered.
 
-An event is made once (by `watches.py`) and stored before anything is sent: its
+An event is made once (by `service.py`) and stored before anything is sent: its
 `webhook-id` and its body never change, so every retry carries the same ones and a
 receiver can drop duplicates. Delivery is at least once:
 
@@ -71,7 +71,7 @@ class Outgoing:
 
 
 class Outbox(Protocol):
-    """Where events wait until delivered: `SqliteStore` (watches.py) or `RedisWatchStore`."""
+    """Where events wait until delivered: a `WatchStore` (SQLite, or Redis in a cluster)."""
 
     async def claim_events(self, limit: int, hold: float) -> list[Outgoing]:
         """Up to `limit` due events, hidden from every other claim for `hold` seconds (a relay
