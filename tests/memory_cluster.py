@@ -9,14 +9,16 @@ cluster logic can be tested in one event loop, node by node. Times are `time.mon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay.backend import Change, Receive
 from relay.cluster.placement import Placement
+from relay.protocol import HISTORY_SIZE
 
 
 @dataclass
@@ -24,7 +26,9 @@ class Stored:
     seq: int | None = None
     state: dict[str, Any] | None = None
     error: dict[str, str] | None = None
-    history: deque[tuple[int, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=64))
+    history: deque[tuple[int, dict[str, Any]]] = field(
+        default_factory=lambda: deque(maxlen=HISTORY_SIZE)
+    )
 
 
 class MemoryStore:
@@ -96,6 +100,8 @@ class MemoryBackend:
     async def close(self) -> None:
         self.shared.listeners.pop(self.node_id, None)
         self.shared.nodes.pop(self.node_id, None)
+        for task_id in [t for t, (node, _) in self.shared.leases.items() if node == self.node_id]:
+            await self.release(task_id)
 
     async def interest(self, task_id: str, wanted: bool) -> int:
         now = time.monotonic()
@@ -135,8 +141,21 @@ class MemoryBackend:
         self.shared.leases[task_id] = (self.node_id, time.monotonic() + self.lease_ttl)
         return True
 
-    def keep_lease(self, task_id: str) -> AbstractAsyncContextManager[None]:
-        return nullcontext()
+    @contextlib.asynccontextmanager
+    async def keep_lease(self, task_id: str) -> AsyncIterator[None]:
+        keeper = asyncio.create_task(self._keep(task_id))
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _keep(self, task_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            if self.crashed or self.shared.holder(task_id) != self.node_id:
+                return  # lost: the fenced store that follows will notice
+            self.shared.leases[task_id] = (self.node_id, time.monotonic() + self.lease_ttl)
 
     async def release(self, task_id: str) -> None:
         self.placement.gave_up(task_id)
