@@ -2,7 +2,7 @@
 
 It keeps `RedisBackend`'s rules (leases with an expiry, a store fenced by the lease,
 interest entries that expire, changes published to every other node, a node registry
-and the placement of leases of `relay/placement.py`) without sockets, so the poll loop's
+and the placement of leases of `relay/cluster/placement.py`) without sockets, so the poll loop's
 cluster logic can be tested in one event loop, node by node. Times are `time.monotonic`.
 """
 

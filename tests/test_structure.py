@@ -21,8 +21,25 @@ from .servers import ROOT
 PACKAGE = ROOT / "relay"
 MAX_LINES = 600
 
-CORE = ["relay.protocol", "relay.patch", "relay.subscriber", "relay.hub", "relay.backend"]
-"""The fan-out core: task state, events, cursors and the cluster interface."""
+LAYERS = [
+    ["relay", "relay.protocol", "relay.patch", "relay.retry", "relay.logs"],
+    ["relay.subscriber", "relay.hub", "relay.backend"],
+    ["relay.upstream"],
+    ["relay.poll_loop"],
+    ["relay.watches"],
+    ["relay.client"],
+    ["relay.config", "relay.tokens", "relay.metrics"],
+    ["relay.cluster"],
+    ["relay.workarounds", "relay.watchdog"],
+    ["relay.service"],
+    ["relay.responses", "relay.sse", "relay.ws", "relay.origins", "relay.limits"],
+    ["relay.app", "relay.simulator"],
+    ["relay.server", "relay.workers", "relay.cli", "relay.__main__"],
+]
+"""relay/ from the bottom up, as docs/architecture.md draws it: a module imports only from
+its own layer and those before it (a name stands for a package and everything in it)."""
+CORE = [*LAYERS[0][1:], *LAYERS[1]]
+"""The vocabulary and the fan-out core: task state, events, cursors, the cluster interface."""
 IO_LIBRARIES = {"httpx", "httpcore", "httptools", "starlette", "uvicorn", "redis", "websockets"}
 SERVER_LIBRARIES = {"starlette", "uvicorn", "redis", "websockets", "prometheus_client"}
 
@@ -44,6 +61,11 @@ def loaded_by(module: str) -> set[str]:
 @pytest.mark.parametrize("module", CORE)
 def test_the_core_loads_no_io_library(module: str) -> None:
     assert loaded_by(module) & IO_LIBRARIES == set()
+
+
+@pytest.mark.parametrize("module", ["relay.poll_loop", "relay.upstream", "relay.watches"])
+def test_the_poll_loop_upstream_and_watches_load_no_server(module: str) -> None:
+    assert loaded_by(module) & SERVER_LIBRARIES == set()
 
 
 def test_the_python_client_loads_nothing_of_the_server() -> None:
@@ -69,15 +91,20 @@ def test_no_module_is_over_600_lines() -> None:
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
 
 
-def runtime_imports(name: str, path: Path, known: set[str]) -> set[str]:
+def runtime_imports(
+    name: str, path: Path, known: set[str], *, in_functions: bool = False
+) -> set[str]:
     """The relay modules `name` imports when it is imported: at module level (class bodies
-    and conditions included), not under `TYPE_CHECKING` and not inside functions."""
+    and conditions included), not under `TYPE_CHECKING`; with `in_functions`, also those
+    imported when a function runs."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            if not in_functions and isinstance(
+                child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda
+            ):
                 continue
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 visit_all(child.orelse)
@@ -120,3 +147,22 @@ def test_no_runtime_import_cycle() -> None:
 
     for name in sorted(graph):
         walk(name, [])
+
+
+def layer_of(module: str) -> int:
+    for number, layer in enumerate(LAYERS):
+        # A name stands for itself and, for a sub-package of relay, all in it.
+        if any(module == name or ("." in name and module.startswith(name + ".")) for name in layer):
+            return number
+    raise AssertionError(f"{module} is in no layer: place it in LAYERS and the docs")
+
+
+def test_each_module_imports_only_from_its_layer_and_those_below() -> None:
+    found = modules()
+    upward = [
+        f"{name} -> {imported}"
+        for name, path in found.items()
+        for imported in sorted(runtime_imports(name, path, set(found), in_functions=True))
+        if layer_of(imported) > layer_of(name)
+    ]
+    assert upward == []
