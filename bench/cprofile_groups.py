@@ -15,25 +15,25 @@ from typing import Any
 
 # (part, matcher on "file:function"), first match wins.
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
-    ("upstream transport (relay/upstream_transport.py)", ("upstream_transport.py",)),
+    ("upstream transport (relay/upstream/transport.py)", ("upstream/transport.py",)),
     ("httpx Request / Response / Headers objects", ("httpx/",)),
-    ("signing (relay/signing.py, hmac, md5, uuid)", ("signing.py", "hmac", "md5", "uuid")),
+    ("signing (relay/upstream/signing.py, hmac, md5, uuid)", ("signing.py", "hmac", "md5", "uuid")),
     (
-        "JSON reading: parse, envelope, nulls (upstream.py, json, patch.drop_nulls)",
+        "JSON reading: parse, envelope, nulls (upstream/client.py, json, patch.drop_nulls)",
         (
-            "upstream.py:parse_json",
-            "upstream.py:read_envelope",
-            "upstream.py:nesting_depth",
-            "upstream.py:plain_unicode",
-            "upstream.py:finite_float",
+            "upstream/client.py:parse_json",
+            "upstream/client.py:read_envelope",
+            "upstream/client.py:nesting_depth",
+            "upstream/client.py:plain_unicode",
+            "upstream/client.py:finite_float",
             "json/decoder",
             "drop_nulls",
             "detect_encoding",
             "json/__init__.py:loads",
         ),
     ),
-    ("upstream client call (upstream.py: _call, _post, read_limited)", ("upstream.py",)),
-    ("Redis backend (relay/redis_backend.py, redis)", ("redis_backend.py", "/redis/")),
+    ("upstream client call (upstream/client.py: _call, _post, read_limited)", ("upstream/client.py",)),
+    ("Redis backend (relay/cluster/backend.py, redis)", ("cluster/backend.py", "/redis/")),
     ("diff (relay/patch.py: merge_patch, same_json)", ("patch.py",)),
     (
         "publish and fan-out (hub, subscriber, protocol events)",

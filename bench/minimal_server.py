@@ -12,7 +12,7 @@ with its own ticker: the same `--interval`, first push at a random point within 
 many tasks push at random phases, as the relay's poll loops do. Without it every path
 and WebSocket shares one broadcast whose frames name the task `hot`. Routes:
 `GET /v1/tasks/{task}/events` (SSE, with the relay's ping and send timeout),
-`WS /v1/ws` (a reader task and a sender, as the relay has), `GET /healthz`, and
+`WS /v1/ws` (a reader task and a sender, as the relay had before its one-task socket), `GET /healthz`, and
 `GET /raw/v1/tasks/{task}/events`: the same stream as a bare ASGI app without
 sse-starlette (no pings), to show what sse-starlette itself costs.
 

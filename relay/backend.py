@@ -29,8 +29,9 @@ class Change:
 
     `state` with its `seq` (and `patch` from the state before, when known), or
     `error` (`{"code", "message"}`) that is `final` or a passing outage. `history`
-    holds older `(seq, state)` pairs, oldest first, when the change is read from
-    the store, so that resumes from them still get a patch.
+    holds the stored `(seq, state)` pairs up to this one (`state` last), oldest first,
+    at most `HISTORY_SIZE`, when the change is read from the store, so that resumes
+    from older states still get a patch.
     """
 
     task_id: str
@@ -55,23 +56,34 @@ Receive = Callable[[Change], bool]
 
 
 class Backend(Protocol):
+    """One node's side of a cluster. tests/test_backend_contract.py holds every cluster
+    backend (the tests' in-memory one, `RedisBackend`) to what these docstrings say."""
+
     @property
     def check_interval(self) -> float:
-        """Seconds between a follower's looks at the store and an owner's lease renewals."""
+        """Seconds between a follower's looks at the store and an owner's lease renewals:
+        a lease renewed this often stays held."""
 
     @property
-    def healthy(self) -> bool: ...
+    def healthy(self) -> bool:
+        """False while the node cannot reach the rest of its cluster (`/healthz`)."""
 
     def start(self, receive: Receive) -> None:
-        """Begin delivering other nodes' changes to `receive`."""
+        """Begin delivering other nodes' changes to `receive` (never this node's own)."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop delivering to `receive`, and give up every lease this node holds."""
 
     async def interest(self, task_id: str, wanted: bool) -> int:
-        """Record whether this node wants the task; return how many nodes want it."""
+        """Record whether this node wants the task; return how many nodes want it.
+
+        A node's interest lapses a few lease periods after it last said it wants the task
+        (a node that died is not waited for); a count may be a lease period old."""
 
     async def acquire(self, task_id: str) -> bool:
-        """Take the right to poll the task; False while another node holds it."""
+        """Take the right to poll the task, or keep it if this node holds it; False while
+        another node holds it, or while a free one is left to the node that should poll
+        the task (`cluster/placement.py`)."""
 
     async def renew(self, task_id: str) -> bool:
         """Keep the right to poll; False when it was lost (stop polling at once)."""
@@ -79,13 +91,17 @@ class Backend(Protocol):
     def keep_lease(self, task_id: str) -> AbstractAsyncContextManager[None]:
         """Keep renewing while an upstream call runs (one can outlast the lease)."""
 
-    async def release(self, task_id: str) -> None: ...
+    async def release(self, task_id: str) -> None:
+        """Give up the right to poll, if this node holds it; another node's is left alone."""
 
     async def store(self, change: Change) -> bool:
-        """Store a change and tell the other nodes; False when this node lost the lease."""
+        """Store a change and tell the other nodes; False, with nothing stored or told,
+        when this node does not hold the task's lease. A passing error is told, not stored."""
 
     async def load(self, task_id: str) -> Change | None:
-        """What is stored of a task (state with history, or final error); None if nothing."""
+        """What is stored of a task: its last state with its history, and its final error;
+        None if nothing. For a task this node wants, a state it has already seen (stored,
+        received or loaded) may be left out."""
 
 
 class LocalBackend:

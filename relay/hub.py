@@ -19,12 +19,11 @@ from typing import Any
 from .backend import Change
 from .logs import about
 from .patch import apply_patch, merge_patch
-from .protocol import TERMINAL, ErrorCode, Event, error_data
+from .protocol import HISTORY_SIZE, TERMINAL, ErrorCode, Event, error_data
 from .subscriber import Cursor, Subscriber
 
 logger = logging.getLogger("relay.hub")
 
-HISTORY_SIZE = 64
 NOT_FOUND_TTL = 10.0
 MAX_ENDED_TASKS = 10_000
 

@@ -17,9 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.types import Receive, Send
-from starlette.websockets import WebSocket
-
-CHECKED_AGAINST = {"uvicorn": "0.54.0", "starlette": "1.10.0"}
 
 
 def transport_of(receive: Receive) -> asyncio.BaseTransport | None:
@@ -67,20 +64,6 @@ def reset_transport(transport: asyncio.BaseTransport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()  # type: ignore[attr-defined]
-
-
-def drop_connection(receive: Receive) -> bool:
-    """Reset the TCP connection behind an ASGI `receive`; False when the server hides it."""
-    transport = transport_of(receive)
-    if transport is None:
-        return False
-    reset_transport(transport)
-    return True
-
-
-def websocket_receive(websocket: WebSocket) -> Receive:
-    """The server's `receive` behind a Starlette WebSocket (its private `_receive`)."""
-    return websocket._receive
 
 
 def server_exiting() -> bool:

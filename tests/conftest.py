@@ -22,7 +22,9 @@ FAST = Settings(poll_interval=0.1, linger=0.3, backoff_max=0.5, ping_interval=1.
 
 @pytest.fixture(autouse=True)
 def reset_sse_exit_flag() -> Iterator[None]:
-    """sse-starlette keeps a process-wide "shutting down" flag; no test may inherit one."""
+    """sse-starlette keeps a process-wide "shutting down" flag, which the relay's watchdog
+    reads (`workarounds.server_exiting`) and tests/test_workarounds.py sets: no test may
+    inherit it."""
     AppStatus.should_exit = False
     yield
     AppStatus.should_exit = False

@@ -1,9 +1,10 @@
 """An in-memory cluster: several nodes' `Backend`s sharing what Redis would hold.
 
-It keeps `RedisBackend`'s rules (leases with an expiry, a store fenced by the lease,
-interest entries that expire, changes published to every other node, a node registry
-and the placement of leases of `relay/placement.py`) without sockets, so the poll loop's
-cluster logic can be tested in one event loop, node by node. Times are `time.monotonic`.
+It keeps `RedisBackend`'s rules (a lease valid while its holder's heartbeat is, taken from
+a holder that stopped beating, a store fenced by the lease, interest entries that expire,
+changes published to every other node, a node registry and the placement of leases of
+`relay/cluster/placement.py`) without sockets, so the poll loop's cluster logic can be tested
+in one event loop, node by node. Times are `time.monotonic`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from relay.backend import Change, Receive
 from relay.cluster.placement import Placement
+from relay.protocol import HISTORY_SIZE
 
 
 @dataclass
@@ -24,14 +26,16 @@ class Stored:
     seq: int | None = None
     state: dict[str, Any] | None = None
     error: dict[str, str] | None = None
-    history: deque[tuple[int, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=64))
+    history: deque[tuple[int, dict[str, Any]]] = field(
+        default_factory=lambda: deque(maxlen=HISTORY_SIZE)
+    )
 
 
 class MemoryStore:
     """What the nodes share: leases, stored states, interest, and who listens."""
 
     def __init__(self) -> None:
-        self.leases: dict[str, tuple[str, float]] = {}
+        self.leases: dict[str, str] = {}  # task -> the node holding it
         self.stored: dict[str, Stored] = {}
         self.interest: dict[str, dict[str, float]] = {}
         self.listeners: dict[str, Receive] = {}
@@ -41,8 +45,10 @@ class MemoryStore:
         return MemoryBackend(self, node_id, lease_ttl)
 
     def holder(self, task_id: str) -> str | None:
-        lease = self.leases.get(task_id)
-        return lease[0] if lease is not None and lease[1] > time.monotonic() else None
+        """The node holding the task's lease, while its heartbeat holds."""
+        node = self.leases.get(task_id)
+        alive = node is not None and self.nodes.get(node, 0.0) > time.monotonic()
+        return node if alive else None
 
     def held(self) -> dict[str, int]:
         """How many live leases each node holds."""
@@ -71,6 +77,7 @@ class MemoryBackend:
         self.lease_ttl = lease_ttl
         self.crashed = False
         self.placement = Placement(node_id, lease_ttl, clock=time.monotonic)
+        self._ticker: asyncio.Task[None] | None = None
         self.beat()
 
     @property
@@ -78,10 +85,12 @@ class MemoryBackend:
         return self.lease_ttl / 3
 
     def crash(self) -> None:
-        """Go silent as a killed node would: no renewal, no release, no messages, no
-        heartbeat (its registry entry expires like its leases)."""
+        """Go silent as a killed node would: no release, no messages, no heartbeat (its
+        registry entry expires, and its leases with it)."""
         self.crashed = True
         self.shared.listeners.pop(self.node_id, None)
+        if self._ticker is not None:
+            self._ticker.cancel()
 
     def beat(self) -> None:
         """The heartbeat, here at every call: register, and read who is alive."""
@@ -92,10 +101,21 @@ class MemoryBackend:
 
     def start(self, receive: Receive) -> None:
         self.shared.listeners[self.node_id] = receive
+        self._ticker = asyncio.create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        while True:
+            self.beat()
+            await asyncio.sleep(self.check_interval)
 
     async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
         self.shared.listeners.pop(self.node_id, None)
         self.shared.nodes.pop(self.node_id, None)
+        for task_id in [t for t, node in self.shared.leases.items() if node == self.node_id]:
+            await self.release(task_id)
 
     async def interest(self, task_id: str, wanted: bool) -> int:
         now = time.monotonic()
@@ -120,7 +140,7 @@ class MemoryBackend:
             return False
         if holder is None and not take:
             return False  # left to the node that should poll it
-        self.shared.leases[task_id] = (self.node_id, time.monotonic() + self.lease_ttl)
+        self.shared.leases[task_id] = self.node_id
         self.placement.took(task_id)
         return True
 
@@ -132,11 +152,10 @@ class MemoryBackend:
         if self.crashed or self.shared.holder(task_id) != self.node_id:
             self.placement.gave_up(task_id)
             return False
-        self.shared.leases[task_id] = (self.node_id, time.monotonic() + self.lease_ttl)
         return True
 
     def keep_lease(self, task_id: str) -> AbstractAsyncContextManager[None]:
-        return nullcontext()
+        return nullcontext()  # the heartbeat keeps every lease the node holds
 
     async def release(self, task_id: str) -> None:
         self.placement.gave_up(task_id)

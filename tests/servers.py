@@ -56,7 +56,7 @@ class ThreadServer:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         self.loop.run_until_complete(self.server.serve())
-        # Library tasks left behind (sse-starlette's shutdown watcher) end with the loop.
+        # Tasks an app left behind end with the loop.
         leftovers = asyncio.all_tasks(self.loop)
         for task in leftovers:
             task.cancel()

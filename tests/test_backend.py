@@ -162,7 +162,7 @@ async def test_a_lone_relay_stops_polling_after_the_linger() -> None:
         await node.close()
 
 
-# -- spreading the leases (relay/placement.py) ----------------------------------------------
+# -- spreading the leases (relay/cluster/placement.py) --------------------------------------
 
 
 def test_rendezvous_choice_spreads_tasks_and_a_node_moves_only_its_share() -> None:

@@ -2,9 +2,10 @@
 
 Every fault a real upstream or the network can produce (a garbled status line, a garbled
 header, broken chunked encoding, an answer cut short, a reset, a close without an answer, a
-refused connection, silence) must be an ordinary upstream fault: `UpstreamUnavailable`,
-retried by the poll loop, `upstream_unavailable` to subscribers and a 503 to plain HTTP, the
-task's state kept. Also here: connection reuse, the retried connect, the body bound,
+refused connection, silence, an answer trickled a byte at a time) must be an ordinary
+upstream fault: `UpstreamUnavailable`, retried by the poll loop, `upstream_unavailable` to
+subscribers and a 503 to plain HTTP, the task's state kept, and no call may outlast the
+request timeout. Also here: connection reuse, the retried connect, the body bound,
 `Retry-After`, and calls cancelled by the thousand without a connection slot lost.
 """
 
@@ -29,7 +30,7 @@ from relay.upstream import UpstreamClient, UpstreamHTTP, UpstreamUnavailable, ma
 from relay.upstream.signing import ApiGatewaySigner, NoSigner
 from relay.upstream.transport import UpstreamTransport
 
-from .clients import watch_sse
+from .clients import sse_events, watch_sse
 from .conftest import FAST
 from .servers import ThreadServer, free_port
 
@@ -65,6 +66,7 @@ class RawUpstream:
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.connections = 0
         self.delay = 0.0
+        self.trickle_seconds = 1.0  # between two bytes of a trickled answer
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.url = ""
@@ -164,6 +166,9 @@ class RawUpstream:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         elif mode == "stray":
             extra = b"X-Stray: yes\r\n"
+        if mode.startswith("trickle"):
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload)
+            return await self._trickle(head, payload, writer, whole_head=mode == "trickle_body")
         if mode == "chunked":
             half = len(payload) // 2
             writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -182,6 +187,26 @@ class RawUpstream:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         await writer.drain()
         return mode != "close_after"
+
+    async def _trickle(
+        self, head: bytes, payload: bytes, writer: asyncio.StreamWriter, whole_head: bool
+    ) -> bool:
+        """A good answer, one byte every `trickle_seconds` (after the head, if `whole_head`),
+        as a slow upstream or a proxy in the way can send it: no read ever waits long."""
+        answer = head + payload
+        sent = len(head) if whole_head else 0
+        writer.write(answer[:sent])
+        try:
+            for byte in answer[sent:]:
+                await writer.drain()
+                await asyncio.sleep(self.trickle_seconds)
+                if writer.transport.is_closing():
+                    return False
+                writer.write(bytes([byte]))
+            await writer.drain()
+        except ConnectionError:
+            return False
+        return True
 
 
 @pytest.fixture
@@ -278,6 +303,45 @@ async def test_silence_is_a_timeout_and_frees_its_connection(
     assert time.monotonic() - started < 3
     assert transport_of(http).connections == 0
     assert (await upstream.progress("t2"))["taskId"] == "t2"
+
+
+@pytest.mark.parametrize("mode", ["trickle_head", "trickle_body"])
+async def test_an_answer_trickled_a_byte_a_second_fails_by_the_request_timeout(
+    raw: RawUpstream, mode: str
+) -> None:
+    """--request-timeout holds for the whole call: every byte comes well within the read
+    timeout, yet the call fails when the timeout has run out since it began."""
+    http = make_http_client(timeout=2.0, max_connections=1)  # one slot: a leak would show
+    transport = transport_of(http)
+    upstream = UpstreamClient(http, raw.url, NoSigner(), concurrency=1)
+    try:
+        raw.script[PROGRESS].append(mode)
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailable, match="timed out"):
+            await upstream.progress("t1")
+        took = time.monotonic() - started
+        assert 1.9 <= took < 2.5, took
+        assert transport.connections == 0, "the trickling connection was closed"
+        assert (await upstream.progress("t2"))["taskId"] == "t2"
+        assert raw.connections == 2, "a new connection, not the trickling one"
+        assert transport.connections == transport.idle_connections == 1
+    finally:
+        await http.aclose()
+
+
+async def test_a_trickled_result_ends_by_its_deadline(raw: RawUpstream) -> None:
+    """A result fetch gets the time left before the poll's deadline, however it is spent."""
+    http = make_http_client(timeout=5.0, max_connections=2)
+    upstream = UpstreamClient(http, raw.url, NoSigner(), concurrency=2)
+    try:
+        raw.script[RESULT].append("trickle_body")
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailable, match="timed out"):
+            await upstream.result("t1", deadline=started + 1.5)
+        assert 1.4 <= time.monotonic() - started < 2.0
+        assert (await upstream.result("t1"))["images"] == ["t1.png"]
+    finally:
+        await http.aclose()
 
 
 async def test_a_full_pool_times_out_waiting(raw: RawUpstream) -> None:
@@ -506,6 +570,31 @@ async def test_faults_while_watching_keep_the_state_and_say_upstream_unavailable
         "result": {"images": [f"{task_id}.png"]},
     }
     assert watcher.events[0][0] == "snapshot" and watcher.events[0][1] == running(task_id, 1)
+
+
+async def test_a_trickling_upstream_is_reported_unavailable_by_the_request_timeout(
+    raw: RawUpstream, make_raw_relay: Any
+) -> None:
+    """The poll loop sees a trickled answer as any other timeout: `upstream_unavailable`,
+    retrying, one request timeout (1 s here) after the poll began; the next poll serves."""
+    relay = make_raw_relay()
+    task_id = "trickled"
+    raw.trickle_seconds = 0.25  # well within the 1 s read timeout
+    raw.script[PROGRESS].append("trickle_head")
+    seen: list[tuple[str, Any, float]] = []
+    async with httpx.AsyncClient(timeout=30) as browser:
+        started = time.monotonic()
+        url = f"{relay.url}/v1/tasks/{task_id}/events"
+        async for event in sse_events(browser, url):
+            seen.append((event.event, event.data, time.monotonic() - started))
+            if event.event == "snapshot":
+                break
+    (kind, error, at), (then, state, _) = seen
+    assert kind == "error" and error["code"] == "upstream_unavailable" and error["retrying"]
+    assert "timed out" in error["message"]
+    assert 0.9 <= at < 1.6, at
+    assert then == "snapshot" and state == running(task_id)
+    assert raw.calls(PROGRESS) == 2
 
 
 async def test_a_garbled_result_still_ends_the_task_succeeded(

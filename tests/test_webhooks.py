@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from relay.app import create_app
 from relay.config import Settings
-from relay.watches.webhooks import RetryPolicy, signed_headers
+from relay.watches.webhooks import Answer, Outgoing, RetryPolicy, Webhooks, signed_headers
 
 from .clients import merge_patch, wait_for, watch_sse
 from .conftest import FAST, SimulatedUpstream
@@ -271,6 +271,69 @@ async def test_a_slow_receiver_holds_up_neither_the_loops_nor_the_browsers(
     assert metrics.status_code == 200
     await wait_for(lambda: len(receiver.unique()) == len(watched), timeout=20)
     assert len(receiver.received) == len(watched)
+
+
+class TricklingReceiver:
+    """A receiver on a loopback port that answers its first `trickled` requests a byte every
+    0.2 s (each byte well within a read timeout), and the others at once."""
+
+    def __init__(self, trickled: int) -> None:
+        self.trickled = trickled
+        self.requests = 0
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answer = b"HTTP/1.1 204 No Content\r\n\r\n"
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                self.requests += 1
+                if self.requests > self.trickled:
+                    writer.write(answer)
+                    continue
+                for byte in answer:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.transport.abort()
+
+
+class NoOutbox:
+    """`Webhooks.attempt` alone touches no outbox."""
+
+
+async def test_a_trickling_receiver_fails_an_attempt_by_its_timeout_and_frees_the_slot() -> None:
+    """An attempt lasts at most its timeout, however slowly the receiver answers; the one
+    connection of a one-worker client is freed each time, so the next attempt is sent."""
+    event = Outgoing("evt-1", "task-1", '{"type":"task.ended"}', time.time())
+    async with TricklingReceiver(trickled=2) as url:
+        webhooks = Webhooks(NoOutbox(), url, SECRET, workers=1, timeout=1.0)  # type: ignore[arg-type]
+        try:
+            for _ in range(2):  # one connection allowed: each needs the slot the last held
+                started = time.monotonic()
+                answer = await webhooks.attempt(event)
+                assert answer == Answer("retry", "the receiver timed out")
+                assert 0.95 <= time.monotonic() - started < 1.5
+            started = time.monotonic()
+            assert (await webhooks.attempt(event)).outcome == "delivered"
+            assert time.monotonic() - started < 0.5
+        finally:
+            await webhooks.close()
 
 
 async def test_an_unknown_task_ends_its_watch_with_task_not_found(

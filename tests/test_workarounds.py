@@ -28,13 +28,12 @@ from starlette.websockets import WebSocket
 
 from relay.workarounds import (
     Inbox,
-    drop_connection,
     notify_messages,
     release_handshake,
+    reset_transport,
     server_exiting,
     server_send,
     transport_of,
-    websocket_receive,
 )
 
 from .clients import wait_for
@@ -51,7 +50,7 @@ class Hooks:
             routes=[
                 Route("/drop", self.drop),
                 Route("/stream", self.stream),
-                WebSocketRoute("/ws", self.websocket),
+                WebSocketRoute("/ws", DroppedSocket(self)),
                 WebSocketRoute("/messages", Messages(self)),
             ]
         )
@@ -60,12 +59,30 @@ class Hooks:
         self.dropped.append(drop_connection(request.receive))
         return Response("never sent")
 
-    async def websocket(self, websocket: WebSocket) -> None:
-        await websocket.accept()
-        self.dropped.append(drop_connection(websocket_receive(websocket)))
-
     async def stream(self, request: Request) -> Response:
         return Stream(self)
+
+
+def drop_connection(receive: Receive) -> bool:
+    """What the watchdog does to a client that stopped reading: find the transport behind
+    `receive` and reset it. False when the server hides it."""
+    transport = transport_of(receive)
+    if transport is None:
+        return False
+    reset_transport(transport)
+    return True
+
+
+class DroppedSocket:
+    """A WebSocket served as a plain ASGI app, as ws.py serves the relay's: accepted, then
+    its connection reset."""
+
+    def __init__(self, hooks: Hooks) -> None:
+        self.hooks = hooks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await WebSocket(scope, receive, send).accept()
+        self.hooks.dropped.append(drop_connection(receive))
 
 
 class Stream(Response):
@@ -133,7 +150,7 @@ def hooks() -> Iterator[tuple[Hooks, ThreadServer]]:
     server.stop()
 
 
-def test_drop_connection_resets_an_http_connection_served_by_uvicorn(
+def test_reset_transport_resets_an_http_connection_served_by_uvicorn(
     hooks: tuple[Hooks, ThreadServer],
 ) -> None:
     app, server = hooks
@@ -147,7 +164,7 @@ def test_drop_connection_resets_an_http_connection_served_by_uvicorn(
     assert answer == b"", "the response went out: the connection was not reset"
 
 
-async def test_drop_connection_resets_a_websocket_served_by_uvicorn(
+async def test_reset_transport_resets_a_websocket_served_by_uvicorn(
     hooks: tuple[Hooks, ThreadServer],
 ) -> None:
     app, server = hooks

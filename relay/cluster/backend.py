@@ -124,6 +124,11 @@ class RedisBackend:
         return self.lease_ttl * 3
 
     @property
+    def interest_ttl(self) -> float:
+        """How long an interest entry lasts unless rewritten: three refreshes."""
+        return self.interest_refresh * 3
+
+    @property
     def healthy(self) -> bool:
         """Redis answers: the last heartbeat got through lately and the channel is open."""
         return self._listening and time.monotonic() - self._beat_at < self.lease_ttl
@@ -206,6 +211,7 @@ class RedisBackend:
                 if now - self._beat_at > self.lease_ttl * 10:
                     pipe.zremrangebyscore(NODES, "-inf", now_ms - ttl_ms * 10)
                 results = await pipe.execute()
+            raise_if_cancelling()
         except (RedisError, OSError) as exc:
             self.failed("heartbeat", exc)
             return
@@ -220,7 +226,7 @@ class RedisBackend:
 
     def _add_interest(self, pipe: Any, task_id: str, now_ms: int) -> None:
         key = interest_key(task_id)
-        ttl_ms = int(self.interest_refresh * 1000 * 3)
+        ttl_ms = int(self.interest_ttl * 1000)
         pipe.zadd(key, {self.node_id: now_ms + ttl_ms})
         pipe.pexpire(key, ttl_ms)
 
@@ -252,10 +258,12 @@ class RedisBackend:
         own = self._writer.own_prefix
         while True:
             message = await pubsub.get_message(timeout=self.check_interval)
+            raise_if_cancelling()
             if message is None:
                 # Quiet channel: make sure Redis is still there (a half-open socket would
                 # otherwise go unnoticed).
                 await self._redis.ping()
+                raise_if_cancelling()
                 continue
             data = message.get("data")
             if not isinstance(data, bytes) or data.startswith(own):
@@ -274,6 +282,7 @@ class RedisBackend:
         """A change published by another node."""
         task_id = change.task_id
         if task_id not in self._wanted:
+            self._receive(change)  # not followed here: nothing to keep in step
             return
         if change.seq is not None:
             known = self._known.get(task_id, -1)
@@ -327,7 +336,7 @@ class RedisBackend:
             seq = None
         elif task_id in self._wanted:
             self._known[task_id] = max(self._known.get(task_id, -1), seq or -1)
-        return Change(task_id, seq, state, error=error, final=error is not None, history=ring[:-1])
+        return Change(task_id, seq, state, error=error, final=error is not None, history=ring)
 
     async def store(self, change: Change) -> bool:
         """Store and publish a change while we hold the lease; False when we lost it."""
@@ -451,12 +460,16 @@ class RedisBackend:
         return self._watcher_count(task_id)
 
     def _watcher_count(self, task_id: str) -> int:
+        """The nodes whose interest in the task holds: unexpired, and from a live node, or
+        written within the last lease period (a node that joined since the last tick)."""
         now = self.placement.clock()
+        recent = now - self.lease_ttl + self.interest_ttl
         _, nodes = self.placement.watchers.get(task_id, (0.0, {}))
         return sum(
             1
             for node, expiry in nodes.items()
-            if expiry > now and (node == self.node_id or self.placement.live.get(node, 0) > now)
+            if expiry > now
+            and (node == self.node_id or self.placement.live.get(node, 0) > now or expiry > recent)
         )
 
     async def _write_interest(self, task_id: str, wanted: bool) -> None:
@@ -494,6 +507,15 @@ class RedisBackend:
 
     def _saw_watchers(self, task_id: str, entries: Any) -> None:
         self.placement.saw_watchers(task_id, {node.decode(): ms / 1000 for node, ms in entries})
+
+
+def raise_if_cancelling() -> None:
+    """redis-py (8.2) can swallow a cancellation that comes during a command, returning its
+    answer while the task stays cancelled: a loop around it would then never end, nor
+    would the `close` that waits for it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def ring_entries(fields: list[bytes], seq: int | None) -> list[tuple[int, dict[str, Any]]]:

@@ -81,7 +81,7 @@ def make_http_client(
 ) -> UpstreamHTTP:
     """The one HTTP client the relay uses upstream; the only place that names httpx's client.
 
-    Its transport is `UpstreamTransport` (relay/upstream_transport.py), holding at most
+    Its transport is `UpstreamTransport` (relay/upstream/transport.py), holding at most
     `max_connections` connections, unless one is given (the embedded simulator's
     `httpx.ASGITransport`, a test's). A client given `transport=` ignores its own `limits=`,
     so the limits live on the transport.
@@ -114,6 +114,11 @@ class UpstreamClient:
         self._urls = {p: httpx.URL(self._base_url + p) for p in (PROGRESS_PATH, RESULT_PATH)}
         self._host = self._urls[PROGRESS_PATH].netloc
         self._timeouts = http.timeout.as_dict()
+        # --request-timeout holds for the whole call, not only for each wait within it
+        # (httpx's timeouts are per phase, and a read's restarts with every byte).
+        self.call_timeout: float | None = max(
+            (t for t in self._timeouts.values() if t is not None), default=None
+        )
         transport = http.transport if isinstance(http, UpstreamHTTP) else None
         self._send: Callable[[httpx.Request], Awaitable[httpx.Response]] = (
             transport.handle_async_request if transport is not None else self._send_by_client
@@ -154,7 +159,10 @@ class UpstreamClient:
             async with self._slots:
                 # Signed inside the slot, so the timestamp is fresh when the call goes out.
                 headers = self._signer.sign("POST", self._base_path + path, body)
-                raw = await self._post(self._urls[path], body, headers, timeouts)
+                if self.call_timeout is not None:
+                    own = time.monotonic() + self.call_timeout
+                    deadline = own if deadline is None else min(deadline, own)
+                raw = await self._post(self._urls[path], body, headers, timeouts, deadline)
             data = read_envelope(parse_json(raw), task_id, parsed_from=raw)
             outcome = "ok"
             return data
@@ -173,9 +181,19 @@ class UpstreamClient:
         return await self._http.send(request, stream=True)
 
     async def _post(
-        self, url: httpx.URL, body: bytes, headers: dict[str, str], timeouts: dict[str, Any]
+        self,
+        url: httpx.URL,
+        body: bytes,
+        headers: dict[str, str],
+        timeouts: dict[str, Any],
+        deadline: float | None,
     ) -> bytes:
-        """The body of a 2xx answer; any other answer or fault raised as an UpstreamError."""
+        """The body of a 2xx answer; any other answer or fault raised as an UpstreamError.
+
+        `deadline` (`time.monotonic()`) goes to the transport as the request's `"deadline"`
+        extension: `UpstreamTransport` ends the call by then, without cancelling anything.
+        Another transport (the embedded simulator's, a test's) keeps only its own timeouts.
+        """
         # Host and Content-Length given, and the body as a stream: httpx.Request then has
         # nothing to add, and costs a third of what it costs to work them out.
         raw_headers = [
@@ -189,7 +207,7 @@ class UpstreamClient:
             url,
             headers=raw_headers,
             stream=httpx.ByteStream(body),
-            extensions={"timeout": timeouts},
+            extensions={"timeout": timeouts, "deadline": deadline},
         )
         try:
             response = await self._send(request)

@@ -7,7 +7,8 @@ which cost 2 to 4 ms of CPU per call with 32 calls in flight (bench/README.md, "
 transport and CPU per call"): a pool of keep-alive asyncio connections whose answers
 httptools (llhttp, the parser uvicorn serves the relay with) reads.
 
-What it guarantees, each phase bounded by the request's httpx timeouts:
+What it guarantees, each phase bounded by the request's httpx timeouts, and the whole call
+by its deadline:
 
 - at most `max_connections` connections; a request waits at most `pool` seconds for one
   (`PoolTimeout`);
@@ -16,6 +17,12 @@ What it guarantees, each phase bounded by the request's httpx timeouts:
   the request is sent. A request that may have reached the upstream is never sent twice:
   the relay signs each call once, with a nonce the gateway accepts once;
 - at most `read` seconds pass between two reads of the answer (`ReadTimeout`);
+- a request that carries a `"deadline"` extension (a `time.monotonic()` time, as
+  `UpstreamClient` gives each call) is over by then, whatever each phase took: the wait for
+  a connection, connecting, the answer's head and its body each get no more than the time
+  left, then fail as that phase's timeout (`PoolTimeout`, `ConnectTimeout`, `ReadTimeout`).
+  Without it, an upstream or a proxy that trickles its answer a byte at a time would hold
+  a call open as long as it liked, since every byte restarts the `read` timer;
 - a malformed answer (status line, header, chunked framing), an answer the peer cuts short
   and a reset are `RemoteProtocolError` or `ReadError`: nothing but httpx's exceptions
   leaves the transport;
@@ -54,6 +61,19 @@ Fault = tuple[type[httpx.TransportError], str]
 
 class _TimedOut(Exception):
     """A wait ran out of time; the caller names the phase."""
+
+
+def _within(limit: float | None, deadline: float | None) -> float | None:
+    """Seconds a phase may wait: its own `limit`, cut to what is left before `deadline`."""
+    if deadline is None:
+        return limit
+    left = max(0.0, deadline - time.monotonic())
+    return left if limit is None else min(limit, left)
+
+
+def _past(deadline: float | None) -> bool:
+    """Whether a wait that timed out was cut by the call's deadline (not its phase's limit)."""
+    return deadline is not None and time.monotonic() >= deadline - 0.001
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -225,10 +245,17 @@ class _Connection(asyncio.Protocol):
 class _AnswerStream(httpx.AsyncByteStream):
     """The body of one answer; gives its connection back once, read to the end or not."""
 
-    def __init__(self, pool: UpstreamTransport, conn: _Connection, timeout: float | None):
+    def __init__(
+        self,
+        pool: UpstreamTransport,
+        conn: _Connection,
+        timeout: float | None,
+        deadline: float | None,
+    ) -> None:
         self._pool = pool
         self._conn = conn
         self._timeout = timeout
+        self._deadline = deadline
         self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -244,9 +271,10 @@ class _AnswerStream(httpx.AsyncByteStream):
                 if conn.closed:
                     raise httpx.ReadError("connection to the upstream closed")
                 try:
-                    await conn.wait(self._timeout)
+                    await conn.wait(_within(self._timeout, self._deadline))
                 except _TimedOut:
-                    raise httpx.ReadTimeout("the upstream's answer stalled") from None
+                    late = "outlasted the call" if _past(self._deadline) else "stalled"
+                    raise httpx.ReadTimeout(f"the upstream's answer {late}") from None
         except BaseException:
             self._release(False)
             raise
@@ -305,12 +333,13 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol("HEAD is not supported", request=request)
         origin = (scheme, url.host, url.port or DEFAULT_PORTS[scheme])
         timeouts = request.extensions.get("timeout") or {}
+        deadline: float | None = request.extensions.get("deadline")
         try:
             body = request.content
         except httpx.RequestNotRead:
             body = await request.aread()
         data = self._encode(request) + body
-        conn = await self._acquire(origin, timeouts.get("pool"), timeouts.get("connect"))
+        conn = await self._acquire(origin, timeouts.get("pool"), timeouts.get("connect"), deadline)
         read_timeout = timeouts.get("read")
         try:
             conn.begin()
@@ -321,7 +350,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 if conn.closed:
                     raise httpx.ReadError("connection to the upstream closed")
                 try:
-                    await conn.wait(read_timeout)
+                    await conn.wait(_within(read_timeout, deadline))
                 except _TimedOut:
                     raise httpx.ReadTimeout("the upstream did not answer in time") from None
         except BaseException:
@@ -330,7 +359,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             conn.status,
             headers=conn.headers,
-            stream=_AnswerStream(self, conn, read_timeout),
+            stream=_AnswerStream(self, conn, read_timeout, deadline),
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": conn.reason},
             request=request,
         )
@@ -346,11 +375,16 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, request.url.raw_path, head)
 
     async def _acquire(
-        self, origin: Origin, pool_timeout: float | None, connect_timeout: float | None
+        self,
+        origin: Origin,
+        pool_timeout: float | None,
+        connect_timeout: float | None,
+        deadline: float | None,
     ) -> _Connection:
         """An idle connection to `origin`, or a new one once there is room."""
         loop = asyncio.get_running_loop()
-        deadline = None if pool_timeout is None else loop.time() + pool_timeout
+        wait = _within(pool_timeout, deadline)
+        pool_deadline = None if wait is None else loop.time() + wait
         while True:
             if self._closed:
                 raise httpx.ConnectError("the upstream transport is closed")
@@ -369,7 +403,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                 continue
             waiter = loop.create_future()
             self._waiters.append(waiter)
-            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+            timer = None if pool_deadline is None else loop.call_at(pool_deadline, _expire, waiter)
             try:
                 await waiter
             except _TimedOut:
@@ -383,7 +417,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
                     timer.cancel()
         self._open += 1
         try:
-            return await self._connect(loop, origin, connect_timeout)
+            return await self._connect(loop, origin, connect_timeout, deadline)
         except BaseException:
             self._open -= 1
             self._wake_one()
@@ -398,7 +432,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         return False
 
     async def _connect(
-        self, loop: asyncio.AbstractEventLoop, origin: Origin, limit: float | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        origin: Origin,
+        limit: float | None,
+        deadline: float | None,
     ) -> _Connection:
         scheme, host, port = origin
         context = None
@@ -409,7 +447,7 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         fault: httpx.TransportError = httpx.ConnectError("no connection attempt")
         for _ in range(self.retries + 1):
             try:
-                async with asyncio.timeout(limit):
+                async with asyncio.timeout(_within(limit, deadline)):
                     _, conn = await loop.create_connection(
                         lambda: _Connection(loop, origin),
                         host,

@@ -5,7 +5,7 @@ process is a cursor of one `Subscriber("watch")` in the hub, so the hub keeps th
 poll loop alive exactly as it does for a browser that never leaves, and the loop cap
 counts it. The watch's sender (`Watches._send_forever`) reads that cursor as a
 WebSocket's sender would, turns what it gets into webhook events (`task.changed`,
-`task.ended`) and stores them in the `WatchStore` before anything is sent (webhooks.py
+`task.ended`) and stores them in the `WatchStore` before anything is sent (`webhooks.py`
 delivers them).
 
 Nothing accepted is lost: the watch is stored before `202` is answered, and it leaves the
@@ -14,7 +14,7 @@ the two starts again from the stored watch; the final event's `webhook-id` is ma
 the watch's ID, so it is the same event made twice, not a second one.
 
 Stores: `SqliteStore` under `RELAY_DATA_DIR` for a relay alone, `RedisWatchStore`
-(redis_backend.py) in a cluster. In a cluster a watch is held by one node at a time: the
+(`redis_store.py`) in a cluster. In a cluster a watch is held by one node at a time: the
 node claims it (`claim_watches`) and renews the claim (`renew_watches`) every check
 interval; the watches of a node that stops renewing are claimed by another.
 """

@@ -1,6 +1,6 @@
 """Webhooks: the events of watched tasks, POSTed to the backend, signed, retried until delivered.
 
-An event is made once (by `watches.py`) and stored before anything is sent: its
+An event is made once (by `service.py`) and stored before anything is sent: its
 `webhook-id` and its body never change, so every retry carries the same ones and a
 receiver can drop duplicates. Delivery is at least once:
 
@@ -71,7 +71,7 @@ class Outgoing:
 
 
 class Outbox(Protocol):
-    """Where events wait until delivered: `SqliteStore` (watches.py) or `RedisWatchStore`."""
+    """Where events wait until delivered: a `WatchStore` (SQLite, or Redis in a cluster)."""
 
     async def claim_events(self, limit: int, hold: float) -> list[Outgoing]:
         """Up to `limit` due events, hidden from every other claim for `hold` seconds (a relay
@@ -181,6 +181,7 @@ class Webhooks:
         self._key = decode_secret(secret)
         self._policy = policy or RetryPolicy()
         self._workers = workers
+        self._timeout = timeout
         self._hold = max(hold, timeout * 2)
         self._on_attempt = on_attempt
         # Its own client, on httpx's standard transport (proxies from the environment, TLS
@@ -317,13 +318,19 @@ class Webhooks:
         """POST the event once, signed with this attempt's timestamp."""
         headers = signed_headers(self._key, event.id, int(time.time()), event.body)
         try:
-            # Streamed and never read: a receiver's answer body is of no use here.
-            async with self._http.stream(
-                "POST", self._url, content=event.body.encode(), headers=headers
-            ) as response:
-                status = response.status_code
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-        except httpx.TimeoutException:
+            # httpx's timeouts bound each wait, and a read's restarts with every byte: a
+            # receiver trickling its answer's head would hold a delivery slot for ever.
+            # Cancelled at `timeout`, httpx closes the connection. No attempt ever waits for
+            # a connection (at most `workers` run, on as many), and only a request cancelled
+            # while it waits can strand one in httpcore's pool (encode/httpcore#1093).
+            async with asyncio.timeout(self._timeout):
+                # Streamed and never read: a receiver's answer body is of no use here.
+                async with self._http.stream(
+                    "POST", self._url, content=event.body.encode(), headers=headers
+                ) as response:
+                    status = response.status_code
+                    retry_after = parse_retry_after(response.headers.get("retry-after"))
+        except (httpx.TimeoutException, TimeoutError):
             return Answer("retry", "the receiver timed out")
         except httpx.HTTPError as exc:
             return Answer("retry", f"connection failed: {type(exc).__name__}")
