@@ -105,7 +105,7 @@ class RedisBackend:
         self._interest_at: dict[str, float] = {}  # when this node's interest entry was written
         self._holders: dict[str, str] = {}  # task -> the node seen holding its lease
         self._held_at: dict[str, float] = {}  # task -> when its keys' expiry was last set
-        self._resyncing: set[str] = set()
+        self._resyncing: dict[str, asyncio.Task[None]] = {}  # at most one per task
         self._beat_at = -inf  # when a heartbeat last reached Redis
         self._listening = False
         self._unreachable_since: float | None = time.monotonic()
@@ -169,10 +169,11 @@ class RedisBackend:
         """Stop, leave the registry and release the leases held: bounded, so that a Redis
         that stopped answering cannot hold the relay's shutdown (the leases then end with
         this node's heartbeat)."""
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._resyncing.values()]
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=REDIS_TIMEOUT)
+        if tasks:
+            await asyncio.wait(tasks, timeout=REDIS_TIMEOUT)
         try:
             async with asyncio.timeout(REDIS_TIMEOUT * 2):
                 await self._writer.close()
@@ -296,9 +297,9 @@ class RedisBackend:
     def _resync_soon(self, task_id: str) -> None:
         if task_id in self._resyncing:
             return
-        self._resyncing.add(task_id)
         task = asyncio.create_task(self._resync(task_id), name=f"resync {task_id}")
-        task.add_done_callback(lambda _: self._resyncing.discard(task_id))
+        self._resyncing[task_id] = task
+        task.add_done_callback(lambda _: self._resyncing.pop(task_id, None))
 
     async def _resync(self, task_id: str) -> None:
         self._known.pop(task_id, None)

@@ -2,8 +2,9 @@
 
 Written once, in this package, from the names the code uses (`ErrorCode`,
 `TASK_ID_PATTERN`, the stream headers): `schemas` (the components and error answers),
-`paths` (every route) and `webhooks` (the deliveries to a backend). It is checked against the app's routes and a live relay by the tests
-(tests/test_openapi.py); docs/openapi.json is a copy of `openapi_document(simulated=True)`.
+`paths` (every route) and `webhooks` (the deliveries to a backend). It is checked against
+the app's routes and a live relay by the tests (tests/test_openapi.py); docs/openapi.json
+is a copy of `openapi_document(simulated=True)`.
 The WebSocket's messages are described in AsyncAPI, in docs/asyncapi.yaml.
 """
 
