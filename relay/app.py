@@ -251,7 +251,9 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
             # Imported here so that a single relay never needs redis installed.
             from .cluster import RedisBackend
 
-            backend = RedisBackend(settings.redis_url, settings.lease_ttl, metrics)
+            cluster = RedisBackend(settings.redis_url, settings.lease_ttl, metrics)
+            logger.info("cluster mode, node ID %s", cluster.node_id)
+            backend = cluster
         chosen = backend
 
         async def poll(task: TaskHub, signal: LoopSignal) -> None:

@@ -379,7 +379,7 @@ async def test_relay_restart_mid_task(
     """The relay goes away mid-task; the page shows it, reconnects by itself and finishes."""
     upstream = await servers.simulator()
     port = free_port()
-    relay, base = await servers.relay(port, "--upstream", upstream)
+    relay, base = await servers.relay(port, "--upstream", upstream, "--signing", "none")
     positions = record_resume_positions(page)
     await open_demo(page, base, transport=transport)
     task_id = await start_sim_task(upstream, duration=8, queue=0.5, fail=False)
@@ -396,7 +396,7 @@ async def test_relay_restart_mid_task(
     await expect(indicator.locator(".conn-label")).not_to_have_text("Live")
     assert await task.get_attribute("data-status") == "running"
 
-    await servers.relay(port, "--upstream", upstream)
+    await servers.relay(port, "--upstream", upstream, "--signing", "none")
     await expect(task).to_have_attribute("data-status", "succeeded", timeout=30_000)
     assert await bar_value(page, task_id) == 100 >= before
     log: list[str] = await page.evaluate("window.relayConnectionLog")
