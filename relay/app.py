@@ -76,8 +76,8 @@ async def task_state(request: Request) -> Response:
         return refusal_response(refusal)
     try:
         state, seq = await relay.current_state(task_id)
-    except TaskNotFound:
-        return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown task {task_id}")
+    except TaskNotFound as exc:
+        return error_response(404, ErrorCode.TASK_NOT_FOUND, str(exc))
     except Unauthorized:
         return error_response(502, ErrorCode.UNAUTHORIZED, "the upstream refused the relay")
     except UpstreamUnavailable as exc:

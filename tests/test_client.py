@@ -104,6 +104,8 @@ async def test_a_failed_task_ends_the_watch_and_wait_raises_task_failed(
 async def test_an_unknown_task_raises_task_not_found_on_the_stream_and_after(
     relay: ThreadServer,
 ) -> None:
+    # The same words whichever way the client learns it (and as `relay watch` prints them).
+    said = "upstream does not know task no-such-task"
     async with RelayClient(relay.url) as client:
         # First as the stream's final error event, then as the relay's 404 for a known unknown.
         for status in (None, 404):
@@ -111,8 +113,13 @@ async def test_an_unknown_task_raises_task_not_found_on_the_stream_and_after(
                 await client.wait("no-such-task", timeout=10)
             assert (raised.value.code, raised.value.status) == ("task_not_found", status)
             assert raised.value.task_id == "no-such-task" and not raised.value.retrying
-        with pytest.raises(TaskNotFound):
+            assert raised.value.message == said
+        with pytest.raises(TaskNotFound) as raised:
             await client.state("no-such-task")
+        assert raised.value.message == said
+        with pytest.raises(TaskNotFound) as raised:
+            await client.state("never-seen-task")
+        assert raised.value.message == "upstream does not know task never-seen-task"
 
 
 async def test_an_invalid_task_id_is_a_relay_error_and_never_changes_the_route(
@@ -280,7 +287,7 @@ async def test_resume_across_a_relay_restart(upstream: SimulatedUpstream) -> Non
     """A relay alone forgets everything when it restarts: the client resumes with the
     position it holds, takes the new relay's snapshot in place of its state without
     handing over a state twice, and ends with the final state."""
-    args = ["serve", "--upstream", upstream.url, "--poll-interval", "0.1"]
+    args = ["serve", "--upstream", upstream.url, "--signing", "none", "--poll-interval", "0.1"]
     servers = [ProcessServer(args).start()]
     task_id = upstream.start_task(queue=0.1, duration=3.0)
 
@@ -313,7 +320,7 @@ async def test_resume_across_a_cluster_relay_restart_continues_with_patches(
 ) -> None:
     """With Redis the history outlives the process: after the restart the client goes on
     with patches from where it was, not a second snapshot."""
-    args = ["serve", "--upstream", upstream.url, "--redis", redis_url]
+    args = ["serve", "--upstream", upstream.url, "--signing", "none", "--redis", redis_url]
     args += ["--poll-interval", "0.1", "--lease-ttl", "1"]
     env = {"RELAY_ACCESS_KEY_ID": "node", "RELAY_ACCESS_KEY_SECRET": "cluster-test-secret"}
     servers = [ProcessServer(args, env=env).start()]

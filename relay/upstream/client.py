@@ -15,6 +15,7 @@ import httpx
 
 from .. import __version__
 from ..patch import drop_nulls
+from ..protocol import unknown_task_message
 from ..retry import parse_retry_after
 from .budget import RateBudget
 from .signing import ERR_INVALID_TIMESTAMP, ERR_TIMESTAMP_EXPIRED, Signer
@@ -314,7 +315,7 @@ def read_envelope(envelope: Any, task_id: str, parsed_from: bytes | None = None)
     if not isinstance(envelope, dict):
         raise UpstreamUnavailable("upstream body is not an API envelope")
     if envelope.get("subErrCode") == NOT_FOUND_CODE:
-        raise TaskNotFound(f"upstream does not know task {task_id}")
+        raise TaskNotFound(unknown_task_message(task_id))
     if envelope.get("status") != 10:
         code = envelope.get("subErrCode") or envelope.get("errCode") or envelope.get("status")
         raise UpstreamUnavailable(f"upstream reported failure {str(code)[:100]!r}")
