@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from itertools import pairwise
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from relay.app import create_app
 from relay.client import (
     RelayClient,
     RelayError,
@@ -29,7 +31,8 @@ from relay.client import (
 from relay.client.client import EventStreamDecoder, ServerEvent
 from relay.tokens import mint
 
-from .clients import Watcher, sse_events
+from .clients import Watcher, sse_events, wait_for
+from .conftest import FAST as FAST_SETTINGS
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ProcessServer, ThreadServer, free_port
 
@@ -408,6 +411,59 @@ async def test_give_up_after_raises_relay_unavailable() -> None:
             await client.wait("task-a", timeout=10)
     assert time.monotonic() - started < 5
     assert raised.value.code == "relay_unavailable" and url in raised.value.message
+
+
+async def test_give_up_after_is_kept_to_whatever_the_backoff() -> None:
+    """The last attempt is made when give_up_after runs out, not a long backoff later."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    problems: list[dict[str, Any] | None] = []
+    async with RelayClient(url, give_up_after=2, backoff_initial=10, backoff_max=30) as client:
+        started = time.monotonic()
+        with pytest.raises(RelayUnavailable):
+            watch = client.watch("task-a", on_problem=lambda w: problems.append(w.problem))
+            async for _ in watch:
+                pass
+    assert 2 <= time.monotonic() - started < 3
+    # Told once, at the first attempt, while no stream could be opened.
+    assert len(problems) == 1 and problems[0] is not None
+    assert problems[0]["code"] == "relay_unavailable" and problems[0]["retrying"] is True
+    assert url in problems[0]["message"]
+
+
+async def test_on_problem_tells_a_retried_problem_and_its_end(upstream: SimulatedUpstream) -> None:
+    """The upstream is down, then up: the watch says so before any state, then carries on."""
+    port = free_port()
+    relay = ThreadServer(
+        create_app(replace(FAST_SETTINGS, upstream_url=f"http://127.0.0.1:{port}", backoff_max=0.2))
+    ).start()
+    seen: list[tuple[str | None, str | None]] = []
+
+    def on_problem(watch: TaskWatch) -> None:
+        code = watch.problem["code"] if watch.problem is not None else None
+        status = watch.state["status"] if watch.state is not None else None
+        seen.append((code, status))
+
+    task_id = upstream.start_task(queue=0.1, duration=0.5)
+    try:
+        async with RelayClient(relay.url) as client:
+            watch = client.watch(task_id, on_problem=on_problem)
+            states = aiter(watch)
+            waiting = asyncio.ensure_future(anext(states))
+            await wait_for(lambda: seen == [("upstream_unavailable", None)])
+            assert not waiting.done()
+            # The simulator comes up on the port the relay polls.
+            late = ThreadServer(upstream.simulator.app, port=port).start()
+            try:
+                first = await asyncio.wait_for(waiting, 10)
+                async for _ in states:
+                    pass
+            finally:
+                late.stop()
+    finally:
+        relay.stop()
+    assert first["taskId"] == task_id
+    assert seen == [("upstream_unavailable", None), (None, first["status"])]
+    assert watch.ended == "succeeded" and watch.problem is None
 
 
 def test_the_event_stream_decoder_reads_the_whole_grammar() -> None:
