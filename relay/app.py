@@ -236,6 +236,7 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
             settings.upstream_concurrency,
             on_call=metrics.upstream_call,
             budget=RateBudget(settings.upstream_rate),
+            links_relative_to_relay=simulator is not None,
         )
         policy = PollPolicy(
             interval=settings.poll_interval,

@@ -82,7 +82,7 @@ async def test_wait_returns_the_final_state_with_its_result(
     async with RelayClient(relay.url) as client:
         final = await client.wait(task_id, timeout=10)
         assert final == upstream.final_state(task_id)
-        assert final["result"]["images"] == [f"/sim/images/{task_id}.svg"]
+        assert final["result"]["images"] == [f"{upstream.url}/sim/images/{task_id}.svg"]
         # Later, from the ended task the relay still holds.
         assert await client.wait(task_id, timeout=5) == final
         assert await client.state(task_id) == final

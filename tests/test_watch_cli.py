@@ -94,7 +94,9 @@ def test_a_succeeded_task_exits_0_with_a_progress_line_per_change(
     assert len(running) >= 5
     assert any("KSampler  step " in line and "/20  ETA " in line for line in running)
     assert lines[-2] == "succeeded [########################] 100%"
-    assert lines[-1] == f"image: {relay.url}/sim/images/{task_id}.svg"
+    # Resolved against the upstream (a `relay simulate`, here), which serves the image.
+    assert lines[-1] == f"image: {upstream.url}/sim/images/{task_id}.svg"
+    assert httpx.get(lines[-1].removeprefix("image: ")).status_code == 200
 
 
 def test_a_failed_task_exits_1_with_its_message(
@@ -216,7 +218,7 @@ def test_on_a_terminal_the_progress_line_is_redrawn_in_place(
     assert status == 0, text
     # The terminal turns each "\n" into "\r\n": what is left is the line redrawn in place.
     lines = text.replace("\r\n", "\n").split("\n")
-    assert lines[-1] == "" and lines[-2] == f"image: {relay.url}/sim/images/{task_id}.svg"
+    assert lines[-1] == "" and lines[-2] == f"image: {upstream.url}/sim/images/{task_id}.svg"
     redraws = lines[0].split("\r")
     assert redraws[:2] == ["", f"connecting to {relay.url} ..."], redraws
     assert re.fullmatch(r"waiting   queue place \d+", redraws[2].rstrip()), redraws
