@@ -249,7 +249,8 @@ class Settings:
         "--signing",
         SIGNING.metavar,
         SIGNING,
-        "how upstream calls are signed: API Gateway's digest scheme, or none (key ID only)",
+        "how upstream calls are signed: API Gateway's digest scheme, or none (key ID only;"
+        " an upstream without the AccessKey pair needs none)",
     )
     poll_interval: float = setting(
         1.0,
@@ -273,7 +274,7 @@ class Settings:
         "--redis",
         "URL",
         url("redis", "rediss", "unix"),
-        "Redis URL: turns cluster mode on",
+        "Redis URL: turns cluster mode on (needs --upstream)",
         unset="single process",
     )
     allowed_origins: tuple[str, ...] = setting(
