@@ -266,7 +266,7 @@ def test_a_relay_that_cannot_be_reached_is_shown_at_once() -> None:
     started = time.monotonic()
     line = first_line("some-task", "--url", url)
     assert time.monotonic() - started < 10
-    assert line.startswith(f"cannot reach the relay at {url} (")
+    assert line.startswith(f"cannot reach the relay at {url}: ")
     assert line.endswith("(relay_unavailable); retrying"), line
     problem = json.loads(first_line("some-task", "--json", "--url", url))
     assert problem["problem"]["code"] == "relay_unavailable"

@@ -416,7 +416,7 @@ class TaskWatch:
             except httpx.TransportError as exc:
                 why = str(exc) or type(exc).__name__
                 logger.info("task %s: %s; reconnecting", self.task_id, why)
-                message = f"cannot reach the relay at {client.base_url} ({why})"
+                message = f"cannot reach the relay at {client.base_url}: {why}"
                 self._report({"code": "relay_unavailable", "message": message, "retrying": True})
             if opened:
                 last_open = loop.time()
