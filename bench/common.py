@@ -221,6 +221,8 @@ def start_relay(
         str(port),
         "--upstream",
         upstream,
+        "--signing",
+        "none",
         "--poll-interval",
         str(poll_interval),
         "--log-level",

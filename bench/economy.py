@@ -268,7 +268,7 @@ def start_relay_on(
     if transport.startswith("committed-"):
         assert code is not None
         argv += ["--code", str(code)]
-    argv += ["relay", "serve", "--port", str(port), "--upstream", upstream_url]
+    argv += ["relay", "serve", "--port", str(port), "--upstream", upstream_url, "--signing", "none"]
     argv += ["--poll-interval", str(interval), "--log-level", "warning"]
     argv += ["--max-connections", "15000", "--upstream-concurrency", str(CONCURRENCY)]
     if nodes.endswith("r"):

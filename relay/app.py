@@ -78,8 +78,8 @@ async def task_state(request: Request) -> Response:
         return refusal_response(refusal)
     try:
         state, seq = await relay.current_state(task_id)
-    except TaskNotFound:
-        return error_response(404, ErrorCode.TASK_NOT_FOUND, f"unknown task {task_id}")
+    except TaskNotFound as exc:
+        return error_response(404, ErrorCode.TASK_NOT_FOUND, str(exc))
     except Unauthorized:
         return error_response(502, ErrorCode.UNAUTHORIZED, "the upstream refused the relay")
     except UpstreamUnavailable as exc:
@@ -256,6 +256,7 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
             settings.upstream_concurrency,
             on_call=metrics.upstream_call,
             budget=RateBudget(settings.upstream_rate),
+            links_relative_to_relay=simulator is not None,
         )
         policy = PollPolicy(
             interval=settings.poll_interval,
@@ -271,8 +272,10 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
             # Imported here so that a single relay never needs redis installed.
             from .cluster import RedisBackend
 
-            backend = RedisBackend(settings.redis_url, settings.lease_ttl, metrics)
-            metrics.watch_redis(backend)
+            cluster = RedisBackend(settings.redis_url, settings.lease_ttl, metrics)
+            logger.info("cluster mode, node ID %s", cluster.node_id)
+            metrics.watch_redis(cluster)
+            backend = cluster
         chosen = backend
 
         async def poll(task: TaskHub, signal: LoopSignal) -> None:

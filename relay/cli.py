@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -33,7 +33,7 @@ from .config import (
 from .logs import configure_logging
 from .protocol import invalid_task_id_message, is_valid_task_id
 from .server import host_port, listen, listen_each, relay_config, run
-from .tokens import SecretTooShort, check_secret, mint
+from .tokens import mint
 from .workers import Workers
 
 # A relay holds many long-lived objects per connection. With CPython's default thresholds
@@ -66,6 +66,7 @@ SIMULATE_OPTIONS: tuple[Option, ...] = (
     replace(SERVE["log_level"], env=(), default="warning"),
     replace(SERVE["log_format"], env=()),
 )
+ACCESS_KEY_OPTIONS = (SERVE["access_key_id"], SERVE["access_key_secret"])
 TOKEN_OPTIONS = (flag("ttl", "SECONDS", positive_float, "seconds until it expires", 600.0),)
 # `relay watch` is a client: its variables are not the relay's settings. The token is best
 # given by RELAY_TOKEN, which, unlike a flag, no process list shows.
@@ -223,11 +224,6 @@ def flag_values(args: argparse.Namespace, options: tuple[Option, ...]) -> dict[s
 
 
 def serve(settings: Settings) -> None:
-    if settings.token_secret is not None:
-        try:
-            check_secret(settings.token_secret)
-        except SecretTooShort as exc:
-            raise ConfigError(f"RELAY_TOKEN_SECRET {exc}") from None
     if settings.workers > 1:
         groups = listen_each(settings.host, settings.port, SERVE["port"], settings.workers)
         sockets = groups[0]
@@ -260,14 +256,15 @@ def serve(settings: Settings) -> None:
     Workers(settings.workers, rebind, groups, work).run()
 
 
-def simulate(args: argparse.Namespace) -> None:
+def simulate(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     from .simulator import Faults, Simulator
 
     values = flag_values(args, SIMULATE_OPTIONS)
     credentials = None
     if args.verify_signatures:
-        key_id = os.environ.get("RELAY_ACCESS_KEY_ID")
-        secret = os.environ.get("RELAY_ACCESS_KEY_SECRET")
+        # The pair as `relay serve` reads it, so one environment serves both.
+        pair = read_options(ACCESS_KEY_OPTIONS, {}, environ)
+        key_id, secret = pair.get("access_key_id"), pair.get("access_key_secret")
         if not key_id or not secret:
             raise ConfigError(
                 "--verify-signatures needs RELAY_ACCESS_KEY_ID and RELAY_ACCESS_KEY_SECRET"
@@ -285,8 +282,19 @@ def simulate(args: argparse.Namespace) -> None:
     simulator = Simulator(fail_rate=values["fail_rate"], faults=faults, credentials=credentials)
     sockets = listen(values["host"], values["port"], SIMULATE_PORT)
     configure_logging(values["log_level"], values["log_format"], (credentials or {}).values())
-    url = f"http://{host_port(values['host'], sockets[0].getsockname()[1])}/"
-    logger.info("comfy-relay simulator on %s", url)
+    url = f"http://{host_port(values['host'], sockets[0].getsockname()[1])}"
+    # Warnings only by default, which keeps uvicorn's start-up lines out of the way; but
+    # where the simulator listens is worth its line at any level short of `error`.
+    startup = logging.getLogger("relay.simulate")
+    if values["log_level"] != "error":
+        startup.setLevel(logging.INFO)
+    startup.info(
+        "comfy-relay %s simulator listening on %s/ (for `relay serve --upstream %s"
+        " --signing none`)",
+        __version__,
+        url,
+        url,
+    )
     config = uvicorn.Config(
         simulator.app,
         host=values["host"],
@@ -299,27 +307,25 @@ def simulate(args: argparse.Namespace) -> None:
     run(config, sockets)
 
 
-def token(args: argparse.Namespace) -> None:
-    secret = os.environ.get("RELAY_TOKEN_SECRET", "").strip()  # as `relay serve` reads it
-    if not secret:
+def token(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    # The secret as `relay serve` reads it: the same variable, parser and length rule.
+    secret = read_options((SERVE["token_secret"],), {}, environ).get("token_secret")
+    if secret is None:
         raise ConfigError("RELAY_TOKEN_SECRET is not set: there is no secret to sign with")
     ttl = flag_values(args, TOKEN_OPTIONS)["ttl"]
     for task_id in args.task_ids:
         if not is_valid_task_id(task_id):
             raise ConfigError(invalid_task_id_message(task_id))
-    try:
-        print(mint(secret, args.task_ids, ttl))
-    except SecretTooShort as exc:
-        raise ConfigError(f"RELAY_TOKEN_SECRET {exc}") from None
+    print(mint(secret, args.task_ids, ttl))
 
 
-def watch(args: argparse.Namespace) -> None:
+def watch(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     import asyncio
 
     from .client.terminal import watch_in_terminal
 
     values = {option.name: option.default for option in WATCH_OPTIONS}
-    values |= read_options(WATCH_OPTIONS, given(args, WATCH_OPTIONS), os.environ)
+    values |= read_options(WATCH_OPTIONS, given(args, WATCH_OPTIONS), environ)
     if not is_valid_task_id(args.task_id):
         raise ConfigError(invalid_task_id_message(args.task_id))
     follow = watch_in_terminal(
@@ -356,11 +362,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "serve":
             serve(load_settings(given(args, OPTIONS), os.environ))
         elif args.command == "simulate":
-            simulate(args)
+            simulate(args, os.environ)
         elif args.command == "token":
-            token(args)
+            token(args, os.environ)
         elif args.command == "watch":
-            watch(args)
+            watch(args, os.environ)
     except ConfigError as exc:
         print(f"relay: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -140,11 +140,19 @@ def api_key(raw: str) -> str:
 
 
 def webhook_secret(raw: str) -> str:
-    # Imported here: config.py is read before anything else and needs nothing of the relay.
+    # Imported only when a secret is given: relay.watches loads httpx and sqlite3, which
+    # the other commands and a relay without webhooks do without.
     from .watches.webhooks import decode_secret
 
     decode_secret(raw)
     return raw.strip()
+
+
+def token_secret(raw: str) -> str:
+    # Imported only when a secret is given: relay.tokens loads PyJWT.
+    from .tokens import check_secret
+
+    return check_secret(text(raw))
 
 
 BOOLEAN = "{0,1}"
@@ -241,7 +249,8 @@ class Settings:
         "--signing",
         SIGNING.metavar,
         SIGNING,
-        "how upstream calls are signed: API Gateway's digest scheme, or none (key ID only)",
+        "how upstream calls are signed: API Gateway's digest scheme, or none (key ID only;"
+        " an upstream without the AccessKey pair needs none)",
     )
     poll_interval: float = setting(
         1.0,
@@ -265,7 +274,7 @@ class Settings:
         "--redis",
         "URL",
         url("redis", "rediss", "unix"),
-        "Redis URL: turns cluster mode on",
+        "Redis URL: turns cluster mode on (needs --upstream)",
         unset="single process",
     )
     allowed_origins: tuple[str, ...] = setting(
@@ -392,7 +401,7 @@ class Settings:
         "RELAY_TOKEN_SECRET",
         None,
         "SECRET",
-        text,
+        token_secret,
         "HS256 secret of subscription tokens, at least 32 bytes: set, every subscription"
         " needs a token",
         unset="no tokens",
@@ -562,8 +571,24 @@ def load_settings(
             f"--workers {workers} needs --upstream (RELAY_UPSTREAM_URL): an embedded simulator"
             " would know only the tasks started on its own worker"
         )
+    if values.get("redis_url") and not values.get("upstream_url"):
+        raise ConfigError(
+            "--redis (RELAY_REDIS_URL) needs --upstream (RELAY_UPSTREAM_URL): the nodes of a"
+            " cluster share what they learn of each task, and an embedded simulator, one per"
+            " node, would know only the tasks started on its own node"
+        )
     if values.get("webhook_url") and not values.get("webhook_secret"):
         raise ConfigError(
             "RELAY_WEBHOOK_URL needs RELAY_WEBHOOK_SECRET: webhooks are always signed"
+        )
+    if (
+        values.get("upstream_url")
+        and values.get("signing", "apigw") == "apigw"
+        and not values.get("access_key_id")
+    ):
+        raise ConfigError(
+            "--upstream (RELAY_UPSTREAM_URL) needs RELAY_ACCESS_KEY_ID and"
+            " RELAY_ACCESS_KEY_SECRET to sign its calls; to call it unsigned (`relay simulate`,"
+            " say), give --signing none (RELAY_SIGNING=none)"
         )
     return Settings(**values)

@@ -15,6 +15,8 @@ TERMINAL = frozenset({"succeeded", "failed"})
 """The statuses after which a task never changes again."""
 MAX_SEQ = (1 << 63) - 1
 """The largest sequence number a client may claim to hold (a signed 64-bit integer)."""
+ECHOED_ID_LENGTH = 256
+"""The longest task ID an error repeats whole: twice the longest valid one."""
 HISTORY_SIZE = 64
 """States of a task kept to answer a resume with one patch, in a hub and in a cluster."""
 
@@ -37,9 +39,24 @@ def is_valid_task_id(value: object) -> bool:
     return isinstance(value, str) and TASK_ID_PATTERN.fullmatch(value) is not None
 
 
+def echoed_task_id(value: str) -> str:
+    """A task ID as an error about it names it back (`taskId` on the many-task stream and
+    the WebSocket): as given, up to ECHOED_ID_LENGTH characters; a longer one cut there and
+    marked with `...`, which no valid ID contains. A lone surrogate, which cannot be sent
+    as UTF-8, becomes U+FFFD."""
+    if len(value) > ECHOED_ID_LENGTH:
+        value = value[:ECHOED_ID_LENGTH] + "..."
+    return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def invalid_task_id_message(value: object) -> str:
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
     return f"task ID must be 1 to 128 characters of A-Z, a-z, 0-9, '_' and '-', got {shown}"
+
+
+def unknown_task_message(task_id: str) -> str:
+    """What every answer about a task the upstream does not know says (`task_not_found`)."""
+    return f"upstream does not know task {task_id}"
 
 
 def task_id_in_path(scope: Mapping[str, Any], prefix: str = "/v1/tasks/") -> str:

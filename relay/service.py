@@ -19,7 +19,7 @@ from .backend import Backend, Change
 from .config import Settings
 from .hub import Hub, TaskHub
 from .metrics import Metrics
-from .protocol import ErrorCode, invalid_task_id_message, is_valid_task_id
+from .protocol import ErrorCode, invalid_task_id_message, is_valid_task_id, unknown_task_message
 from .tokens import grant
 from .upstream import TaskNotFound, UpstreamClient
 from .watchdog import Watchdog
@@ -142,7 +142,7 @@ class Relay:
         if task is not None and task.state is not None:
             return task.state, task.seq
         if task is not None and task.ended:
-            raise TaskNotFound(f"unknown task {task_id}")
+            raise TaskNotFound(unknown_task_message(task_id))
         stored = await self.backend.load(task_id)
         if stored is not None and stored.state is not None:
             return stored.state, stored.seq

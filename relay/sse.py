@@ -16,6 +16,7 @@ from .protocol import (
     MAX_SEQ,
     ErrorCode,
     Event,
+    echoed_task_id,
     error_data,
     is_valid_task_id,
     task_id_in_path,
@@ -253,7 +254,9 @@ async def many_task_events(request: Request) -> Response:
     if len(unknown) == len(finished):
         return none_watchable(refused, unknown)
     prelude = b"".join(
-        multiplexed_frame(Event("error", task_id, None, error_data(r.code, r.message)), [])
+        multiplexed_frame(
+            Event("error", echoed_task_id(task_id), None, error_data(r.code, r.message)), []
+        )
         for task_id, r in refused.items()
     )
     subscriptions = [(t, resume.get(t)) for t in task_ids if t not in refused]

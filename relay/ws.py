@@ -19,6 +19,7 @@ from .protocol import (
     ErrorCode,
     Event,
     dumps,
+    echoed_task_id,
     error_data,
     invalid_task_id_message,
     is_valid_task_id,
@@ -68,12 +69,7 @@ def parse_message(text: str) -> ClientMessage:
     if not isinstance(message, dict):
         raise ClientError(ErrorCode.BAD_REQUEST, "message must be a JSON object")
     task_id = message.get("taskId")
-    named = task_id if isinstance(task_id, str) and len(task_id) <= 256 else None
-    if named is not None and not named.isascii():
-        try:
-            named.encode()
-        except UnicodeEncodeError:  # a lone surrogate cannot go out in a text frame
-            named = None
+    named = echoed_task_id(task_id) if isinstance(task_id, str) else None
     kind = message.get("type")
     if kind not in ("subscribe", "unsubscribe"):
         raise ClientError(

@@ -213,7 +213,7 @@ function renderState(card, state) {
   parts.node.title = node;
 
   const stepText = running && isNumber(detail.step) && isNumber(detail.maxSteps) && detail.maxSteps > 0
-    ? `Step ${detail.step} of ${detail.maxSteps}` : "";
+    ? `Node step ${detail.step} of ${detail.maxSteps}` : "";
   const queueText = waiting && isNumber(state.lastQueueRemaining)
     ? `Queue position ${state.lastQueueRemaining}` : "";
   const etaText = running && isNumber(state.etaRelative) && state.etaRelative > 0
@@ -477,6 +477,21 @@ function applyUrlParameters() {
   if (Number.isInteger(start) && start > 0) startTasks(Math.min(start, 32));
 }
 
+// The Start buttons and simulation options work only on a relay with its embedded simulator:
+// a relay with a real upstream answers 404 for the simulator's routes, and they are hidden.
+async function showSimulatorControls() {
+  let simulator = true;
+  try {
+    simulator = (await fetch("sim/stats", { cache: "no-store" })).status !== 404;
+  } catch {
+    return; // the relay cannot be reached: the connection indicator says so
+  }
+  for (const el of document.querySelectorAll("[data-needs-simulator]")) el.hidden = !simulator;
+  for (const el of document.querySelectorAll("[data-without-simulator]")) el.hidden = simulator;
+  document.documentElement.dataset.simulator = simulator ? "on" : "off";
+}
+
 applyUrlParameters();
 updateSummary();
+showSimulatorControls();
 document.documentElement.dataset.ready = "true";

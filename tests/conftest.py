@@ -47,7 +47,9 @@ class SimulatedUpstream:
         task = self.simulator.tasks[task_id]
         state = task.state(task.created + task.queue_seconds + task.run_seconds + 1)
         if with_result and state["status"] == "succeeded":
-            state["result"] = task.result()
+            result = task.result()
+            # As the relay hands it on: image URLs made absolute against this upstream.
+            state["result"] = {**result, "images": [self.url + i for i in result["images"]]}
         return state
 
 

@@ -135,9 +135,11 @@ class Stage:
         long_task: str,
         ended_task: str,
         http: httpx.Client,
+        upstream_url: str,
     ) -> None:
         self.relay = relay
         self.standin = standin
+        self.upstream_url = upstream_url
         self.long_task = long_task  # runs for an hour: always has a state, never ends
         self.ended_task = ended_task  # ended before the tests start; its final state is kept
         self.http = http
@@ -170,7 +172,7 @@ def staged() -> Iterator[Stage]:
     try:
         answer = read_stream(http, f"{relay.url}/v1/tasks/{ended_task}/events", max_events=100)
         assert answer.events and answer.events[-1].event == "end", answer
-        yield Stage(relay, standin, long_task, ended_task, http)
+        yield Stage(relay, standin, long_task, ended_task, http, upstream.url)
     finally:
         http.close()
         relay.stop()

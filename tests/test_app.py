@@ -11,7 +11,7 @@ import websockets
 
 from relay.simulator import Simulator
 
-from .clients import watch_sse, watch_ws
+from .clients import sse_events, watch_sse, watch_ws
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ProcessServer, ThreadServer
 
@@ -123,7 +123,9 @@ async def test_secret_never_leaves_the_server(http: httpx.AsyncClient) -> None:
 async def test_shutdown_signal_closes_open_streams_and_exits_promptly(
     upstream: SimulatedUpstream, http: httpx.AsyncClient, signum: int
 ) -> None:
-    relay = ProcessServer(["serve", "--upstream", upstream.url, "--poll-interval", "0.2"]).start()
+    relay = ProcessServer(
+        ["serve", "--upstream", upstream.url, "--signing", "none", "--poll-interval", "0.2"]
+    ).start()
     task_id = upstream.start_task(queue=30, duration=30)
     lines: list[str] = []
 
@@ -170,3 +172,35 @@ async def test_task_state_carries_its_seq_whenever_the_relay_numbered_it(
     answer = await http.get(f"{relay.url}/v1/tasks/{other}")
     assert answer.status_code == 200 and answer.json()["status"] == "waiting"
     assert "X-Relay-Seq" not in answer.headers
+
+
+@pytest.mark.parametrize("bad", ["bad.id", "x" * 300, "y" * 10_000], ids=["short", "300", "10k"])
+async def test_a_bad_task_id_is_echoed_by_one_rule_on_every_transport(
+    relay: ThreadServer, upstream: SimulatedUpstream, http: httpx.AsyncClient, bad: str
+) -> None:
+    """The message quotes the ID cut the same way everywhere; where an error names its task
+    (`taskId`, many-task stream and WebSocket), the ID is cut the same way too."""
+    echoed = bad if len(bad) <= 256 else bad[:256] + "..."
+    single = await http.get(f"{relay.url}/v1/tasks/{bad}/events")
+    assert single.status_code == 400 and single.json()["code"] == "invalid_task_id"
+    message = single.json()["message"]
+    assert len(message) < 200
+
+    good = upstream.start_task(queue=0.1, duration=0.3)
+    url = f"{relay.url}/v1/events?taskId={good}&taskId={bad}"
+    async for event in sse_events(http, url):
+        assert event.event == "error"
+        assert event.data == {
+            "taskId": echoed,
+            "data": {"code": "invalid_task_id", "message": message, "retrying": False},
+        }
+        break
+
+    async with websockets.connect(f"{relay.ws_url}/v1/ws") as socket:
+        await socket.send(json.dumps({"type": "subscribe", "taskId": bad}))
+        reply = json.loads(await asyncio.wait_for(socket.recv(), 5))
+    assert reply == {
+        "type": "error",
+        "taskId": echoed,
+        "data": {"code": "invalid_task_id", "message": message, "retrying": False},
+    }

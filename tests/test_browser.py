@@ -42,7 +42,7 @@ CHROMIUM_ARGS = [
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 POLL = "0.2"
-STEP_TEXT = re.compile(r"^Step \d+ of \d+$")
+STEP_TEXT = re.compile(r"^Node step \d+ of \d+$")
 OUTAGE = re.compile(r"^(down|reconnecting)$")
 
 if not CHROMIUM.exists():
@@ -329,6 +329,96 @@ async def test_started_task_progresses_to_success(
 
 
 @pytest.mark.timeout(60)
+async def test_a_relay_with_a_real_upstream_has_no_start_buttons(
+    servers: Servers, page: Page
+) -> None:
+    """On a relay polling `relay simulate`, the page offers no Start buttons (the relay has no
+    simulator to start tasks on), and a task's image comes from the upstream that made it."""
+    upstream = await servers.simulator()
+    _, base = await servers.relay(None, "--upstream", upstream, "--signing", "none")
+    await open_demo(page, base)
+    await expect(page.locator("html")).to_have_attribute("data-simulator", "off")
+    await expect(start_button(page, 1)).to_be_hidden()
+    await expect(page.locator("#sim-fail")).to_be_hidden()
+    await expect(page.locator(".sim-options")).to_be_hidden()
+    await expect(page.get_by_label("Watch a task ID")).to_be_visible()
+    await expect(page.locator("#empty [data-without-simulator]")).to_be_visible()
+    await expect(page.locator("#empty [data-needs-simulator]")).to_be_hidden()
+
+    task_id = await start_sim_task(upstream, duration=0.5, queue=0, fail=False)
+    await watch(page, task_id)
+    image = card(page, task_id).locator(".images img")
+    await expect(image).to_have_attribute("src", f"{upstream}/sim/images/{task_id}.svg")
+    await expect(image).to_be_visible()
+    assert await image.evaluate("(img) => img.complete && img.naturalWidth > 0")
+
+    # The relay's embedded simulator: the buttons are there.
+    _, embedded = await servers.relay()
+    await open_demo(page, embedded)
+    await expect(page.locator("html")).to_have_attribute("data-simulator", "on")
+    await expect(start_button(page, 1)).to_be_visible()
+
+
+@pytest.mark.timeout(60)
+async def test_on_a_phone_the_summary_and_the_placeholder_fit(
+    servers: Servers, browser: Browser
+) -> None:
+    """At 390 px: the summary has the page's width below "Clear finished" instead of
+    wrapping in what is left beside it, the whole placeholder shows, and the card says
+    what its numbers count."""
+    _, base = await servers.relay()
+    context = await browser.new_context(viewport={"width": 390, "height": 844})
+    page = await context.new_page()
+    try:
+        running = [await start_sim_task(base, duration=30, queue=0, fail=False) for _ in "ab"]
+        done = await start_sim_task(base, duration=0.5, queue=0, fail=False)
+        failed = await start_sim_task(base, duration=0.5, queue=0, fail=True)
+        waiting = await start_sim_task(base, duration=5, queue=60, fail=False)
+        await open_demo(page, base)
+        for task_id in (*running, done, failed, waiting, "no-such-task-390"):
+            await watch(page, task_id)
+        await expect(card(page, failed)).to_have_attribute("data-status", "failed")
+        await expect(card(page, done)).to_have_attribute("data-status", "succeeded")
+        await expect(card(page, running[0]).locator(".step")).to_have_text(STEP_TEXT)
+        await expect(card(page, running[0]).locator(".meta")).to_contain_text("% of the task")
+        summary = page.locator("#summary")
+        await expect(summary).to_contain_text("not found")
+
+        layout = await page.evaluate(
+            """() => {
+                const box = (el) => el.getBoundingClientRect();
+                const summary = document.getElementById("summary");
+                const clear = document.getElementById("clear-finished");
+                const input = document.getElementById("watch-id");
+                const style = getComputedStyle(input);
+                const probe = document.createElement("span");
+                probe.style.font = getComputedStyle(input, "::placeholder").font;
+                probe.style.whiteSpace = "pre";
+                probe.textContent = input.placeholder;
+                document.body.append(probe);
+                const text = probe.getBoundingClientRect().width;
+                probe.remove();
+                const room = input.clientWidth - parseFloat(style.paddingLeft)
+                    - parseFloat(style.paddingRight);
+                return {
+                    summaryTop: box(summary).top, clearBottom: box(clear).bottom,
+                    summaryWidth: box(summary).width,
+                    text, room, pageWidth: document.documentElement.scrollWidth,
+                };
+            }"""
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "demo-390.png"), full_page=False)
+    finally:
+        await context.close()
+    # Below the button, the whole width its own: not squeezed beside it.
+    assert layout["summaryTop"] >= layout["clearBottom"] - 1, layout
+    assert layout["summaryWidth"] >= 390 - 2 * 24, layout
+    assert layout["text"] <= layout["room"], layout  # the placeholder is not cut
+    assert layout["pageWidth"] <= 390, layout
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("transport", ["sse", "ws"])
 async def test_client_state_equals_server_state(
     servers: Servers, page: Page, transport: str
@@ -379,7 +469,7 @@ async def test_relay_restart_mid_task(
     """The relay goes away mid-task; the page shows it, reconnects by itself and finishes."""
     upstream = await servers.simulator()
     port = free_port()
-    relay, base = await servers.relay(port, "--upstream", upstream)
+    relay, base = await servers.relay(port, "--upstream", upstream, "--signing", "none")
     positions = record_resume_positions(page)
     await open_demo(page, base, transport=transport)
     task_id = await start_sim_task(upstream, duration=8, queue=0.5, fail=False)
@@ -396,7 +486,7 @@ async def test_relay_restart_mid_task(
     await expect(indicator.locator(".conn-label")).not_to_have_text("Live")
     assert await task.get_attribute("data-status") == "running"
 
-    await servers.relay(port, "--upstream", upstream)
+    await servers.relay(port, "--upstream", upstream, "--signing", "none")
     await expect(task).to_have_attribute("data-status", "succeeded", timeout=30_000)
     assert await bar_value(page, task_id) == 100 >= before
     log: list[str] = await page.evaluate("window.relayConnectionLog")

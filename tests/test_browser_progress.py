@@ -144,7 +144,7 @@ async def follow_and_lose_the_relay(
     """A page follows a long task over `transport`; the relay crashes and comes back."""
     upstream = await servers.simulator()
     port = free_port()
-    relay, base = await servers.relay(port, "--upstream", upstream)
+    relay, base = await servers.relay(port, "--upstream", upstream, "--signing", "none")
     await blank_page_on(page, base)
     task_id = await start_sim_task(upstream, duration=60, queue=0, fail=False)
     await page.evaluate(START_FOLLOWING, [task_id, transport, SLOW_BACKOFF])
@@ -153,7 +153,7 @@ async def follow_and_lose_the_relay(
 
     relay.stop(signal.SIGKILL)
     await page.wait_for_function("window.relay.connectionState().state === 'down'")
-    await servers.relay(port, "--upstream", upstream)
+    await servers.relay(port, "--upstream", upstream, "--signing", "none")
     await page.wait_for_timeout(1500)
     assert await connection(page) == "down", "it came back before its backoff: no test"
     return task_id, await page.evaluate("window.states.length")

@@ -1,6 +1,7 @@
 """The `relay` command: flags over environment over defaults, one-line errors, help, first
 log line, and the settings documented from their declarations."""
 
+import os
 import re
 import socket
 import subprocess
@@ -157,6 +158,110 @@ def test_serve_without_upstream_says_it_runs_on_the_simulator() -> None:
         relay.stop()
     first = relay.log().splitlines()[0]
     assert "embedded simulator" in first
+
+
+def relay_command(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m relay ARGS` run to its end, in an environment without relay settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env={**clean, **(env or {})},
+    )
+
+
+def test_a_real_upstream_without_the_access_key_pair_needs_signing_none() -> None:
+    upstream = {"RELAY_UPSTREAM_URL": "https://upstream.example"}
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, upstream)
+    message = str(raised.value)
+    for named in ("RELAY_ACCESS_KEY_ID", "RELAY_ACCESS_KEY_SECRET", "--signing none"):
+        assert named in message
+    assert load_settings({"signing": "none"}, upstream).signing == "none"
+    assert load_settings({}, {**upstream, "RELAY_SIGNING": "none"}).access_key_id is None
+    pair = {"RELAY_ACCESS_KEY_ID": "id", "RELAY_ACCESS_KEY_SECRET": "secret"}
+    assert load_settings({}, {**upstream, **pair}).access_key_id == "id"
+    assert load_settings({}, {}).simulated  # the embedded simulator needs no pair
+
+    result = relay_command("serve", "--upstream", "https://upstream.example", "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"relay: error: {message}"]
+
+
+def test_cluster_mode_on_embedded_simulators_is_refused() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"redis_url": "redis://127.0.0.1:6379/0"}, {})
+    assert str(raised.value).startswith(
+        "--redis (RELAY_REDIS_URL) needs --upstream (RELAY_UPSTREAM_URL)"
+    )
+    assert "embedded simulator" in str(raised.value)
+    result = relay_command("serve", "--redis", "redis://127.0.0.1:9/0", "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"relay: error: {raised.value}"]
+
+
+def test_a_cluster_node_logs_its_node_id_at_start(redis_url: str) -> None:
+    simulator = ProcessServer(["simulate"]).start()
+    args = ["serve", "--upstream", simulator.url, "--signing", "none", "--redis", redis_url]
+    relay = ProcessServer(args).start()
+    try:
+        created = httpx.post(f"{simulator.url}/sim/tasks", json={})
+        assert created.status_code == 201
+    finally:
+        relay.stop()
+        simulator.stop()
+    found = re.search(r"cluster mode, node ID ([0-9a-f]+)", relay.log())
+    assert found is not None, relay.log()
+
+
+def test_relay_simulate_says_where_it_listens() -> None:
+    simulator = ProcessServer(["simulate"]).start()
+    try:
+        log = simulator.log()
+    finally:
+        simulator.stop()
+    lines = [line for line in log.splitlines() if "listening on" in line]
+    assert len(lines) == 1, log
+    assert f"simulator listening on {simulator.url}/" in lines[0]
+    assert f"--upstream {simulator.url} --signing none" in lines[0]
+    # Still warnings only otherwise: no uvicorn start-up chatter.
+    assert "Application startup complete" not in log
+
+
+def test_a_webhook_secret_not_in_the_whsec_form_says_what_is_expected() -> None:
+    for raw, got in (("nope", "got 3 bytes"), ("whsec_not base64!", "not base64")):
+        with pytest.raises(ConfigError) as raised:
+            load_settings({}, {"RELAY_WEBHOOK_SECRET": raw})
+        message = str(raised.value)
+        assert message.startswith("RELAY_WEBHOOK_SECRET must be whsec_ followed by the base64")
+        assert got in message and "os.urandom" in message
+
+
+def test_the_token_secret_length_rule_is_the_settings_own() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({}, {"RELAY_TOKEN_SECRET": "short"})
+    assert str(raised.value) == "RELAY_TOKEN_SECRET must be at least 32 bytes long"
+    # `relay token` reads the secret as `relay serve` does: the same rule, the same line.
+    result = relay_command("token", "task-a", env={"RELAY_TOKEN_SECRET": " short "})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"relay: error: {raised.value}"]
+    padded = relay_command("token", "task-a", env={"RELAY_TOKEN_SECRET": f" {'s' * 32} "})
+    assert padded.returncode == 0 and padded.stdout.count(".") == 2
+
+
+def test_simulate_reads_the_access_key_pair_as_serve_does() -> None:
+    result = relay_command(
+        "simulate", "--verify-signatures", "--port", "0", env={"RELAY_ACCESS_KEY_ID": "id"}
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "relay: error: --verify-signatures needs RELAY_ACCESS_KEY_ID and RELAY_ACCESS_KEY_SECRET"
+    ]
 
 
 def test_procfile_runs_the_relay_on_port_on_all_interfaces() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from itertools import pairwise
 from typing import Any
 
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from relay.app import create_app
 from relay.client import (
     RelayClient,
     RelayError,
@@ -29,7 +31,8 @@ from relay.client import (
 from relay.client.client import EventStreamDecoder, ServerEvent
 from relay.tokens import mint
 
-from .clients import Watcher, sse_events
+from .clients import Watcher, sse_events, wait_for
+from .conftest import FAST as FAST_SETTINGS
 from .conftest import RelayFactory, SimulatedUpstream
 from .servers import ProcessServer, ThreadServer, free_port
 
@@ -79,7 +82,7 @@ async def test_wait_returns_the_final_state_with_its_result(
     async with RelayClient(relay.url) as client:
         final = await client.wait(task_id, timeout=10)
         assert final == upstream.final_state(task_id)
-        assert final["result"]["images"] == [f"/sim/images/{task_id}.svg"]
+        assert final["result"]["images"] == [f"{upstream.url}/sim/images/{task_id}.svg"]
         # Later, from the ended task the relay still holds.
         assert await client.wait(task_id, timeout=5) == final
         assert await client.state(task_id) == final
@@ -104,6 +107,8 @@ async def test_a_failed_task_ends_the_watch_and_wait_raises_task_failed(
 async def test_an_unknown_task_raises_task_not_found_on_the_stream_and_after(
     relay: ThreadServer,
 ) -> None:
+    # The same words whichever way the client learns it (and as `relay watch` prints them).
+    said = "upstream does not know task no-such-task"
     async with RelayClient(relay.url) as client:
         # First as the stream's final error event, then as the relay's 404 for a known unknown.
         for status in (None, 404):
@@ -111,8 +116,13 @@ async def test_an_unknown_task_raises_task_not_found_on_the_stream_and_after(
                 await client.wait("no-such-task", timeout=10)
             assert (raised.value.code, raised.value.status) == ("task_not_found", status)
             assert raised.value.task_id == "no-such-task" and not raised.value.retrying
-        with pytest.raises(TaskNotFound):
+            assert raised.value.message == said
+        with pytest.raises(TaskNotFound) as raised:
             await client.state("no-such-task")
+        assert raised.value.message == said
+        with pytest.raises(TaskNotFound) as raised:
+            await client.state("never-seen-task")
+        assert raised.value.message == "upstream does not know task never-seen-task"
 
 
 async def test_an_invalid_task_id_is_a_relay_error_and_never_changes_the_route(
@@ -280,7 +290,7 @@ async def test_resume_across_a_relay_restart(upstream: SimulatedUpstream) -> Non
     """A relay alone forgets everything when it restarts: the client resumes with the
     position it holds, takes the new relay's snapshot in place of its state without
     handing over a state twice, and ends with the final state."""
-    args = ["serve", "--upstream", upstream.url, "--poll-interval", "0.1"]
+    args = ["serve", "--upstream", upstream.url, "--signing", "none", "--poll-interval", "0.1"]
     servers = [ProcessServer(args).start()]
     task_id = upstream.start_task(queue=0.1, duration=3.0)
 
@@ -313,7 +323,7 @@ async def test_resume_across_a_cluster_relay_restart_continues_with_patches(
 ) -> None:
     """With Redis the history outlives the process: after the restart the client goes on
     with patches from where it was, not a second snapshot."""
-    args = ["serve", "--upstream", upstream.url, "--redis", redis_url]
+    args = ["serve", "--upstream", upstream.url, "--signing", "none", "--redis", redis_url]
     args += ["--poll-interval", "0.1", "--lease-ttl", "1"]
     env = {"RELAY_ACCESS_KEY_ID": "node", "RELAY_ACCESS_KEY_SECRET": "cluster-test-secret"}
     servers = [ProcessServer(args, env=env).start()]
@@ -401,6 +411,59 @@ async def test_give_up_after_raises_relay_unavailable() -> None:
             await client.wait("task-a", timeout=10)
     assert time.monotonic() - started < 5
     assert raised.value.code == "relay_unavailable" and url in raised.value.message
+
+
+async def test_give_up_after_is_kept_to_whatever_the_backoff() -> None:
+    """The last attempt is made when give_up_after runs out, not a long backoff later."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    problems: list[dict[str, Any] | None] = []
+    async with RelayClient(url, give_up_after=2, backoff_initial=10, backoff_max=30) as client:
+        started = time.monotonic()
+        with pytest.raises(RelayUnavailable):
+            watch = client.watch("task-a", on_problem=lambda w: problems.append(w.problem))
+            async for _ in watch:
+                pass
+    assert 2 <= time.monotonic() - started < 3
+    # Told once, at the first attempt, while no stream could be opened.
+    assert len(problems) == 1 and problems[0] is not None
+    assert problems[0]["code"] == "relay_unavailable" and problems[0]["retrying"] is True
+    assert url in problems[0]["message"]
+
+
+async def test_on_problem_tells_a_retried_problem_and_its_end(upstream: SimulatedUpstream) -> None:
+    """The upstream is down, then up: the watch says so before any state, then carries on."""
+    port = free_port()
+    relay = ThreadServer(
+        create_app(replace(FAST_SETTINGS, upstream_url=f"http://127.0.0.1:{port}", backoff_max=0.2))
+    ).start()
+    seen: list[tuple[str | None, str | None]] = []
+
+    def on_problem(watch: TaskWatch) -> None:
+        code = watch.problem["code"] if watch.problem is not None else None
+        status = watch.state["status"] if watch.state is not None else None
+        seen.append((code, status))
+
+    task_id = upstream.start_task(queue=0.1, duration=0.5)
+    try:
+        async with RelayClient(relay.url) as client:
+            watch = client.watch(task_id, on_problem=on_problem)
+            states = aiter(watch)
+            waiting = asyncio.ensure_future(anext(states))
+            await wait_for(lambda: seen == [("upstream_unavailable", None)])
+            assert not waiting.done()
+            # The simulator comes up on the port the relay polls.
+            late = ThreadServer(upstream.simulator.app, port=port).start()
+            try:
+                first = await asyncio.wait_for(waiting, 10)
+                async for _ in states:
+                    pass
+            finally:
+                late.stop()
+    finally:
+        relay.stop()
+    assert first["taskId"] == task_id
+    assert seen == [("upstream_unavailable", None), (None, first["status"])]
+    assert watch.ended == "succeeded" and watch.problem is None
 
 
 def test_the_event_stream_decoder_reads_the_whole_grammar() -> None:

@@ -437,7 +437,18 @@ def connections_to(pid: int, port: int) -> int:
 
 
 def start_workers(redis: str, upstream: str, *extra: str) -> ProcessServer:
-    args = ["serve", "--workers", "2", "--redis", redis, "--upstream", upstream, *extra]
+    args = [
+        "serve",
+        "--workers",
+        "2",
+        "--redis",
+        redis,
+        "--upstream",
+        upstream,
+        "--signing",
+        "none",
+    ]
+    args += extra
     server = ProcessServer([*args, "--poll-interval", "0.2", "--lease-ttl", str(LEASE_TTL)])
     server.start()
     deadline = time.monotonic() + 15

@@ -105,7 +105,9 @@ async def follow_both(stage: Stage, task_id: str) -> list[Watcher]:
 
 
 def assert_recovered(stage: Stage, task_id: str, seen: list[Watcher]) -> None:
-    expected = {**sane_state(task_id), "result": SANE_RESULT}
+    # The relay makes the result's relative image URLs absolute against the upstream.
+    images = [f"{stage.upstream_url}{image}" for image in SANE_RESULT["images"]]
+    expected = {**sane_state(task_id), "result": {**SANE_RESULT, "images": images}}
     for subscriber in seen:
         for error in subscriber.errors:
             assert error["code"] == "upstream_unavailable" and error["retrying"] is True, error

@@ -84,7 +84,7 @@ async def test_succeeded_task_ends_with_its_result(
     watcher = await watch_sse(http, relay.url, task_id)
     assert watcher.state is not None
     assert watcher.state["result"] == {
-        "images": [f"/sim/images/{task_id}.svg"],
+        "images": [f"{upstream.url}/sim/images/{task_id}.svg"],
         "result": upstream.simulator.tasks[task_id].result()["result"],
     }
     kinds = [kind for kind, _, _ in watcher.events]

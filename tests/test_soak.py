@@ -307,6 +307,8 @@ async def test_churn_and_reconnect_storms_leave_no_loops_subscribers_or_leaks(
             "serve",
             "--upstream",
             faulty_upstream.url,
+            "--signing",
+            "none",
             "--poll-interval",
             "0.2",
             "--linger",

@@ -198,7 +198,7 @@ async def test_reconnect_after_every_task_ended_gets_204(
 async def test_resume_after_a_relay_restart_gets_a_snapshot(
     upstream: SimulatedUpstream, http: httpx.AsyncClient
 ) -> None:
-    args = ["serve", "--upstream", upstream.url, "--poll-interval", "0.1"]
+    args = ["serve", "--upstream", upstream.url, "--signing", "none", "--poll-interval", "0.1"]
     relay = ProcessServer(args).start()
     task_id = upstream.start_task(queue=0.2, duration=3)
     watcher = Watcher()

@@ -14,15 +14,17 @@ import subprocess
 import sys
 import termios
 import time
+from dataclasses import replace
 
 import httpx
 
+from relay.app import create_app
 from relay.cli import WATCH_OPTIONS
 from relay.client import DEFAULT_URL
 from relay.tokens import mint
 
-from .conftest import RelayFactory, SimulatedUpstream
-from .servers import ROOT, ProcessServer, ThreadServer
+from .conftest import FAST, RelayFactory, SimulatedUpstream
+from .servers import ROOT, ProcessServer, ThreadServer, free_port
 
 SECRET = "w" * 32
 
@@ -92,7 +94,9 @@ def test_a_succeeded_task_exits_0_with_a_progress_line_per_change(
     assert len(running) >= 5
     assert any("KSampler  step " in line and "/20  ETA " in line for line in running)
     assert lines[-2] == "succeeded [########################] 100%"
-    assert lines[-1] == f"image: {relay.url}/sim/images/{task_id}.svg"
+    # Resolved against the upstream (a `relay simulate`, here), which serves the image.
+    assert lines[-1] == f"image: {upstream.url}/sim/images/{task_id}.svg"
+    assert httpx.get(lines[-1].removeprefix("image: ")).status_code == 200
 
 
 def test_a_failed_task_exits_1_with_its_message(
@@ -214,12 +218,58 @@ def test_on_a_terminal_the_progress_line_is_redrawn_in_place(
     assert status == 0, text
     # The terminal turns each "\n" into "\r\n": what is left is the line redrawn in place.
     lines = text.replace("\r\n", "\n").split("\n")
-    assert lines[-1] == "" and lines[-2] == f"image: {relay.url}/sim/images/{task_id}.svg"
+    assert lines[-1] == "" and lines[-2] == f"image: {upstream.url}/sim/images/{task_id}.svg"
     redraws = lines[0].split("\r")
-    assert redraws[0] == "" and re.fullmatch(r"waiting   queue place \d+", redraws[1])
+    assert redraws[:2] == ["", f"connecting to {relay.url} ..."], redraws
+    assert re.fullmatch(r"waiting   queue place \d+", redraws[2].rstrip()), redraws
     assert len(redraws) >= 6 and any(r.startswith("running   [") for r in redraws)
     assert redraws[-1].rstrip() == "succeeded [########################] 100%"
     assert len(lines) == 3
+
+
+def first_line(*args: str, timeout: float = 20) -> str:
+    """The first line `relay watch ARGS` prints, within `timeout` seconds; then it is killed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "watch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=environment(),
+    )
+    try:
+        assert process.stdout is not None
+        assert select.select([process.stdout], [], [], timeout)[0], "nothing printed"
+        return process.stdout.readline().rstrip("\n")
+    finally:
+        process.kill()
+        process.wait(5)
+
+
+def test_a_problem_the_relay_is_retrying_is_shown_while_no_state_comes() -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: the upstream is down
+    relay = ThreadServer(create_app(replace(FAST, upstream_url=down))).start()
+    try:
+        line = first_line("task-while-down", "--url", relay.url)
+        problem = json.loads(first_line("task-while-down", "--json", "--url", relay.url))
+    finally:
+        relay.stop()
+    assert line.endswith("(upstream_unavailable)") and "retrying" in line, line
+    assert set(problem) == {"problem"}, problem  # a line no state can be mistaken for
+    assert problem["problem"]["code"] == "upstream_unavailable"
+    assert problem["problem"]["retrying"] is True
+
+
+def test_a_relay_that_cannot_be_reached_is_shown_at_once() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    started = time.monotonic()
+    line = first_line("some-task", "--url", url)
+    assert time.monotonic() - started < 10
+    assert line.startswith(f"cannot reach the relay at {url}: ")
+    assert line.endswith("(relay_unavailable); retrying"), line
+    problem = json.loads(first_line("some-task", "--json", "--url", url))
+    assert problem["problem"]["code"] == "relay_unavailable"
 
 
 def test_it_works_out_of_the_box_on_the_embedded_simulator() -> None:

@@ -24,7 +24,7 @@ import copy
 import json
 import logging
 import random
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -266,15 +266,18 @@ class RelayClient:
         token: str | None = None,
         seq: int | None = None,
         state: State | None = None,
+        on_problem: Callable[[TaskWatch], None] | None = None,
     ) -> TaskWatch:
         """Follow a task: `async for state in client.watch(task_id)` yields the whole state
         after every change, and stops after the task's end.
 
         To carry on where an earlier watch stopped, pass its `seq` and `state` together.
+        `on_problem` is called with the watch whenever its `problem` starts or ends, even
+        while no state comes: a progress display can say what it is waiting for.
         """
         if (seq is None) != (state is None):
             raise ValueError("give seq and state together, or neither")
-        return TaskWatch(self, task_id, token, seq, state)
+        return TaskWatch(self, task_id, token, seq, state, on_problem)
 
     # `timeout=` rather than asyncio.timeout(): one call, for scripts and notebooks.
     async def wait(
@@ -317,9 +320,11 @@ class TaskWatch:
 
     Its attributes say where it is: `state` and `seq` (the latest state and its sequence
     number, to resume from later), `ended` (`succeeded` or `failed` once the task ended),
-    `problem` (the last `retrying: true` error, such as `upstream_unavailable`, until the
-    next state), `connections` (streams opened) and `snapshots` (whole states received:
-    after a reconnect the relay sends a patch when it remembers where the client was).
+    `problem` (what is being retried, as an error's data: a `retrying: true` error from
+    the relay, such as `upstream_unavailable`, until the next state; or, until a stream
+    opens, why none could be: `relay_unavailable`, or a refusal such as `overloaded`),
+    `connections` (streams opened) and `snapshots` (whole states received: after a
+    reconnect the relay sends a patch when it remembers where the client was).
     Leaving `async with` (or `aclose()`) closes its stream.
     """
 
@@ -330,6 +335,7 @@ class TaskWatch:
         token: str | None,
         seq: int | None,
         state: State | None,
+        on_problem: Callable[[TaskWatch], None] | None = None,
     ) -> None:
         self.client = client
         self.task_id = task_id
@@ -342,6 +348,7 @@ class TaskWatch:
         self.snapshots = 0
         self._retry: float | None = None  # the stream's `retry:` hint, in seconds
         self._failures = 0  # attempts in a row that opened no stream
+        self._on_problem = on_problem
         self._states = self._follow()
 
     def __aiter__(self) -> TaskWatch:
@@ -371,19 +378,22 @@ class TaskWatch:
         while True:
             told: float | None = None  # a refusal's Retry-After
             opened = False
+            left = self._time_left(last_open, loop.time())
             try:
                 async with client.http.stream(
                     "GET",
                     client._url(self.task_id, "/events"),
                     params=client._params(self.token),
                     headers=self._headers(),
-                    timeout=client.timeout,
+                    timeout=self._timeout(left),
                 ) as response:
                     kind = response.headers.get("content-type", "")
                     if response.status_code == 200 and kind.startswith("text/event-stream"):
                         self.connections += 1
                         self._failures = 0
                         opened = True
+                        # The relay tells a new stream of any problem that still holds.
+                        self._report(None)
                         async for state in self._read(response):
                             yield state
                         if self.ended is not None:
@@ -400,14 +410,18 @@ class TaskWatch:
                             raise refusal
                         logger.info("task %s: %s; retrying", self.task_id, refusal)
                         told = retry_after(response)
+                        self._report(
+                            {"code": refusal.code, "message": refusal.message, "retrying": True}
+                        )
             except httpx.TransportError as exc:
                 why = str(exc) or type(exc).__name__
                 logger.info("task %s: %s; reconnecting", self.task_id, why)
+                message = f"cannot reach the relay at {client.base_url}: {why}"
+                self._report({"code": "relay_unavailable", "message": message, "retrying": True})
             if opened:
                 last_open = loop.time()
-            elif (
-                client.give_up_after is not None and loop.time() - last_open >= client.give_up_after
-            ):
+            left = self._time_left(last_open, loop.time())
+            if left is not None and left <= 0:
                 raise RelayUnavailable(
                     "relay_unavailable",
                     f"could not open a stream from {client.base_url} for"
@@ -417,8 +431,30 @@ class TaskWatch:
                 )
             # The stream's `retry:` hint counts from now on, as EventSource takes it.
             waits = [w for w in (told, self._retry) if w is not None]
-            await asyncio.sleep(self._delay(max(waits, default=None)))
+            delay = self._delay(max(waits, default=None))
+            # The last attempt is made when give_up_after runs out, not a backoff later.
+            await asyncio.sleep(delay if left is None else min(delay, left))
             self._failures += 1
+
+    def _time_left(self, last_open: float, now: float) -> float | None:
+        """Seconds before the watch gives up for want of a stream, or None: never."""
+        give_up_after = self.client.give_up_after
+        return None if give_up_after is None else give_up_after - (now - last_open)
+
+    def _timeout(self, left: float | None) -> httpx.Timeout:
+        """The client's timeouts, with connecting cut short by the give-up time."""
+        timeout = self.client.timeout
+        if left is None or timeout.connect is None or left >= timeout.connect:
+            return timeout
+        return httpx.Timeout(max(left, 0.1), read=timeout.read)
+
+    def _report(self, problem: dict[str, Any] | None) -> None:
+        """Take a new `problem` (None: over), and tell `on_problem` when it changed."""
+        if problem == self.problem:
+            return
+        self.problem = problem
+        if self._on_problem is not None:
+            self._on_problem(self)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
@@ -468,7 +504,7 @@ class TaskWatch:
         if event.event == "error":
             if data.get("retrying") is True:
                 logger.info("task %s: %s", self.task_id, data.get("message"))
-                self.problem = data
+                self._report(data)
                 return None
             raise error_from(data, self.task_id)
         if event.event == "end":
@@ -486,5 +522,5 @@ class TaskWatch:
             self.seq = int(event.id)
         changed = self.state is None or not same_json(self.state, state)
         self.state = state
-        self.problem = None
+        self._report(None)
         return copy.deepcopy(state) if changed else None

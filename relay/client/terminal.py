@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 from urllib.parse import urljoin
 
-from .client import RelayClient, RelayError
+from .client import RelayClient, RelayError, TaskWatch
 
 # `relay watch` ends with exit status 2 once it could not reach the relay for this long.
 WATCH_GIVE_UP = 30.0
@@ -49,6 +49,26 @@ def progress_text(state: Mapping[str, Any]) -> str:
     if status == "running" and eta is not None and eta > 0:
         parts.append(f"ETA {seconds_text(eta)}")
     return "  ".join(parts)
+
+
+def problem_text(problem: Mapping[str, Any]) -> str:
+    """What is being retried, in a few words: `message (code); retrying`."""
+    message = str(problem.get("message") or "")
+    code = str(problem.get("code") or "error")
+    text = f"{message} ({code})" if message else code
+    return text if "retrying" in message else f"{text}; retrying"
+
+
+def status_text(watch: TaskWatch) -> str:
+    """The status line: the progress, or what the watch is waiting for."""
+    state, problem = watch.state, watch.problem
+    if problem is not None:
+        if state is None:
+            return problem_text(problem)
+        return f"{state.get('status', '?')!s:<9} {problem_text(problem)}"
+    if state is not None:
+        return progress_text(state)
+    return f"connecting to {watch.client.base_url} ..."
 
 
 class ProgressLine:
@@ -106,9 +126,21 @@ async def watch_in_terminal(
     or the relay could not be reached for WATCH_GIVE_UP seconds.
     """
     line = ProgressLine(out, live=out.isatty())
+
+    def on_problem(watch: TaskWatch) -> None:
+        # A line of its own kind, which no state is: {"problem": {...}}, then
+        # {"problem": null} once it is over.
+        if json_lines:
+            out.write(json.dumps({"problem": watch.problem}, ensure_ascii=False) + "\n")
+            out.flush()
+        else:
+            line.show(status_text(watch))
+
     async with RelayClient(base_url, token=token, give_up_after=WATCH_GIVE_UP) as client:
         try:
-            async with client.watch(task_id) as watch:
+            async with client.watch(task_id, on_problem=on_problem) as watch:
+                if line.live and not json_lines:
+                    line.show(status_text(watch))  # "connecting to ...": nothing came yet
                 async for state in watch:
                     if json_lines:
                         out.write(json.dumps(state, ensure_ascii=False) + "\n")

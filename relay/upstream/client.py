@@ -9,12 +9,13 @@ import math
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
 from .. import __version__
 from ..patch import drop_nulls
+from ..protocol import unknown_task_message
 from ..retry import parse_retry_after
 from .budget import RateBudget
 from .signing import ERR_INVALID_TIMESTAMP, ERR_TIMESTAMP_EXPIRED, Signer
@@ -102,8 +103,14 @@ class UpstreamClient:
         concurrency: int,
         on_call: Callable[[str, float], None] | None = None,
         budget: RateBudget | None = None,
+        *,
+        links_relative_to_relay: bool = False,
     ) -> None:
+        """`links_relative_to_relay`: leave a result's relative image URLs as they are, for
+        the embedded simulator, whose images the relay serves itself."""
         self._http = http
+        # With a trailing slash, so that `images/a.png` resolves below the base path.
+        self._links_base = None if links_relative_to_relay else base_url.rstrip("/") + "/"
         self._base_url = base_url.rstrip("/")
         self._base_path = urlsplit(self._base_url).path
         self._signer = signer
@@ -132,8 +139,17 @@ class UpstreamClient:
         return data
 
     async def result(self, task_id: str, deadline: float | None = None) -> dict[str, Any]:
-        """The finished task's result (`images`, `result`), by `deadline` (`time.monotonic()`)."""
-        return await self._call(RESULT_PATH, task_id, deadline)
+        """The finished task's result (`images`, `result`), by `deadline` (`time.monotonic()`).
+
+        Relative image URLs are made absolute against the upstream: a browser, or `relay
+        watch`, would otherwise resolve them against the relay, which does not serve them.
+        """
+        data = await self._call(RESULT_PATH, task_id, deadline)
+        images = data.get("images")
+        if self._links_base is None or not isinstance(images, list):
+            return data
+        base = self._links_base
+        return {**data, "images": [urljoin(base, i) if isinstance(i, str) else i for i in images]}
 
     async def _call(self, path: str, task_id: str, deadline: float | None = None) -> dict[str, Any]:
         # dumps({"taskId": task_id}), byte for byte, without building a dict and an encoder.
@@ -332,7 +348,7 @@ def read_envelope(envelope: Any, task_id: str, parsed_from: bytes | None = None)
     if not isinstance(envelope, dict):
         raise UpstreamUnavailable("upstream body is not an API envelope")
     if envelope.get("subErrCode") == NOT_FOUND_CODE:
-        raise TaskNotFound(f"upstream does not know task {task_id}")
+        raise TaskNotFound(unknown_task_message(task_id))
     if envelope.get("status") != 10:
         code = envelope.get("subErrCode") or envelope.get("errCode") or envelope.get("status")
         raise UpstreamUnavailable(f"upstream reported failure {str(code)[:100]!r}")

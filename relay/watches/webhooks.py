@@ -54,6 +54,10 @@ BACKLOG_LIMIT = 100_000
 """Undelivered events past which `task.changed` events are no longer stored (ends always are):
 a receiver down for long must not fill the disk or Redis."""
 SECRET_PREFIX = "whsec_"
+SECRET_FORM = "whsec_ followed by the base64 of 24 to 64 random bytes"
+MAKE_SECRET = (
+    "python3 -c 'import base64,os; print(\"whsec_\"+base64.b64encode(os.urandom(32)).decode())'"
+)
 
 Outcome = Literal["delivered", "retrying", "rejected", "abandoned"]
 OUTCOMES: tuple[Outcome, ...] = ("delivered", "retrying", "rejected", "abandoned")
@@ -104,9 +108,10 @@ def decode_secret(secret: str) -> bytes:
     try:
         key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("must be whsec_ followed by base64") from None
-    if not 24 <= len(key) <= 64:
-        raise ValueError(f"must hold 24 to 64 bytes once base64-decoded, got {len(key)}")
+        key = None
+    if key is None or not 24 <= len(key) <= 64:
+        got = "text that is not base64" if key is None else f"{len(key)} bytes"
+        raise ValueError(f"must be {SECRET_FORM}, got {got} (make one: {MAKE_SECRET})")
     return key
 
 
