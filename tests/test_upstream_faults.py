@@ -339,7 +339,8 @@ async def test_a_trickled_result_ends_by_its_deadline(raw: RawUpstream) -> None:
         with pytest.raises(UpstreamUnavailable, match="timed out"):
             await upstream.result("t1", deadline=started + 1.5)
         assert 1.4 <= time.monotonic() - started < 2.0
-        assert (await upstream.result("t1"))["images"] == ["t1.png"]
+        # A relative image URL is resolved against the upstream (it serves the image).
+        assert (await upstream.result("t1"))["images"] == [f"{raw.url}/t1.png"]
     finally:
         await http.aclose()
 
@@ -567,7 +568,7 @@ async def test_faults_while_watching_keep_the_state_and_say_upstream_unavailable
         "taskId": task_id,
         "status": "succeeded",
         "progress": 1,
-        "result": {"images": [f"{task_id}.png"]},
+        "result": {"images": [f"{raw.url}/{task_id}.png"]},
     }
     assert watcher.events[0][0] == "snapshot" and watcher.events[0][1] == running(task_id, 1)
 
