@@ -59,11 +59,9 @@ def release(upstream: SimulatedUpstream, task_id: str) -> None:
     task.queue_seconds = time.monotonic() - task.created
 
 
-def watch_released(
-    upstream: SimulatedUpstream, task_id: str, *args: str
-) -> tuple[int, list[str], str]:
-    """`relay watch` on a held task, released once the command showed its first line."""
-    process = subprocess.Popen(
+def start_watch(*args: str) -> subprocess.Popen[str]:
+    """`relay watch ARGS` as a child process, its output piped."""
+    return subprocess.Popen(
         [sys.executable, "-m", "relay", "watch", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -72,6 +70,13 @@ def watch_released(
         cwd=ROOT,
         env=environment(),
     )
+
+
+def watch_released(
+    upstream: SimulatedUpstream, task_id: str, *args: str
+) -> tuple[int, list[str], str]:
+    """`relay watch` on a held task, released once the command showed its first line."""
+    process = start_watch(*args)
     try:
         assert process.stdout is not None
         first = process.stdout.readline()
@@ -229,15 +234,7 @@ def test_on_a_terminal_the_progress_line_is_redrawn_in_place(
 
 def first_line(*args: str, timeout: float = 20) -> str:
     """The first line `relay watch ARGS` prints, within `timeout` seconds; then it is killed."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "relay", "watch", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env=environment(),
-    )
+    process = start_watch(*args)
     try:
         assert process.stdout is not None
         assert select.select([process.stdout], [], [], timeout)[0], "nothing printed"
