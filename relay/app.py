@@ -321,7 +321,7 @@ def create_app(settings: Settings, *, webhook_retry: RetryPolicy | None = None) 
         app.state.relay = Relay(
             settings, hub, backend, upstream, metrics, lookup, watchdog, watches=watches
         )
-        backend.start(hub.receive)
+        backend.start(hub.receive, hub.wake)
         if webhooks is not None:
             webhooks.start()
         if watches is not None:

@@ -54,6 +54,9 @@ Receive = Callable[[Change], bool]
 """Deliver another node's change; False when it does not follow what this node holds
 (a patch after a gap): the backend then reads the stored state instead."""
 
+Wake = Callable[[str], None]
+"""Wake a task's loop now: its lease may be free (released, or its holder died)."""
+
 
 class Backend(Protocol):
     """One node's side of a cluster. tests/test_backend_contract.py holds every cluster
@@ -61,15 +64,21 @@ class Backend(Protocol):
 
     @property
     def check_interval(self) -> float:
-        """Seconds between a follower's looks at the store and an owner's lease renewals:
-        a lease renewed this often stays held."""
+        """Seconds between a node's heartbeats, and between the looks of a follower whose
+        lease is free but left to another node."""
+
+    @property
+    def follow_interval(self) -> float:
+        """Seconds a follower may wait between its looks at the lease and the store; it is
+        woken sooner (`Wake`) when the lease may be free."""
 
     @property
     def healthy(self) -> bool:
         """False while the node cannot reach the rest of its cluster (`/healthz`)."""
 
-    def start(self, receive: Receive) -> None:
-        """Begin delivering other nodes' changes to `receive` (never this node's own)."""
+    def start(self, receive: Receive, wake: Wake | None = None) -> None:
+        """Begin delivering other nodes' changes to `receive` (never this node's own), and
+        waking a task's loop with `wake` when its lease may be free."""
 
     async def close(self) -> None:
         """Stop delivering to `receive`, and give up every lease this node holds."""
@@ -82,14 +91,17 @@ class Backend(Protocol):
 
     async def acquire(self, task_id: str) -> bool:
         """Take the right to poll the task, or keep it if this node holds it; False while
-        another node holds it, or while a free one is left to the node that should poll
-        the task (`cluster/placement.py`)."""
+        another live node holds it, or while a free one is left to the node that should
+        poll the task (`cluster/placement.py`). A lease lives while its holder does: a
+        holder that stops (dies, or cannot reach the cluster) loses it within a lease
+        period and a check."""
 
     async def renew(self, task_id: str) -> bool:
-        """Keep the right to poll; False when it was lost (stop polling at once)."""
+        """Whether this node still holds the right to poll, before a poll; False when it
+        was lost or handed over (stop polling at once)."""
 
     def keep_lease(self, task_id: str) -> AbstractAsyncContextManager[None]:
-        """Keep renewing while an upstream call runs (one can outlast the lease)."""
+        """Whatever keeps the lease while an upstream call runs (one can outlast it)."""
 
     async def release(self, task_id: str) -> None:
         """Give up the right to poll, if this node holds it; another node's is left alone."""
@@ -108,9 +120,10 @@ class LocalBackend:
     """A relay on its own: it polls every task it watches, and its hub holds all there is."""
 
     check_interval = float("inf")
+    follow_interval = float("inf")
     healthy = True
 
-    def start(self, receive: Receive) -> None:
+    def start(self, receive: Receive, wake: Wake | None = None) -> None:
         pass
 
     async def close(self) -> None:

@@ -141,6 +141,13 @@ class TaskHub:
         self._notice_gen += 1
         self._notify()
 
+    def clear_notice(self, code: ErrorCode) -> None:
+        """The outage `code` named is over: a new subscriber is not told of it any more
+        (those told learn it from the next change)."""
+        notice = self._notice
+        if notice is not None and notice.data["code"] == code:
+            self._notice = None
+
     def fail(self, code: ErrorCode, message: str) -> None:
         """End the task with a final error (unknown task, refused credentials)."""
         if self.ended:
@@ -242,10 +249,15 @@ class LoopSignal:
         self.shutting_down = True
         self._wake.set()
 
+    def wake(self) -> None:
+        """Something changed for the loop to look at now (a lease that may be free)."""
+        self._wake.set()
+
     async def sleep(self, seconds: float) -> None:
         """Sleep between polls; returns early when woken."""
         try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         except TimeoutError:
             pass
         finally:
@@ -302,6 +314,12 @@ class Hub:
 
     def get(self, task_id: str) -> TaskHub | None:
         return self._tasks.get(task_id)
+
+    def wake(self, task_id: str) -> None:
+        """Wake the task's loop, if it has one (the cluster says its lease may be free)."""
+        loop = self._loops.get(task_id)
+        if loop is not None:
+            loop[1].wake()
 
     def receive(self, change: Change) -> bool:
         """A change from another node of the cluster, for a task watched here."""

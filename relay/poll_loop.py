@@ -28,10 +28,6 @@ logger = logging.getLogger("relay.poll")
 CLUSTER_UNAVAILABLE = (
     "this relay cannot reach Redis, so it can neither poll nor follow the task; retrying"
 )
-# A follower reads the stored state (and who holds the lease) every this many checks, in
-# case a change or a release was lost without the channel breaking (a broken channel
-# resyncs at once).
-FOLLOWER_RESYNC = 10
 
 
 @dataclass(frozen=True)
@@ -135,29 +131,30 @@ async def poll_task(
     owner = False
     failures = 0
     next_poll = 0.0
-    synced = -math.inf  # when the stored state was last read
+    looked = -math.inf  # when a follower last read the stored state
     await sync(task, backend)
     try:
         while not task.ended and not signal.shutting_down:
             if not backend.healthy:
+                owner = False  # the backend checks its lease again before a poll
                 await signal.sleep(backend.check_interval)
                 if not backend.healthy and not signal.shutting_down:
-                    owner = False
                     task.report_unavailable(CLUSTER_UNAVAILABLE, ErrorCode.CLUSTER_UNAVAILABLE)
                 continue
+            task.clear_notice(ErrorCode.CLUSTER_UNAVAILABLE)
             if not await backend.interest(task_id, signal.wanted):
                 return  # nobody anywhere watches it any more
             if not owner:
                 owner = await backend.acquire(task_id)
-                if owner or time.monotonic() - synced >= FOLLOWER_RESYNC * backend.check_interval:
+                if owner or time.monotonic() - looked >= backend.follow_interval:
                     # Taken over: continue from what the last polling node stored. Following:
                     # changes come from the channel; this look is the net under it.
                     await sync(task, backend)
-                    synced = time.monotonic()
+                    looked = time.monotonic()
                 if not owner:
                     if not signal.wanted:
                         return  # another node polls it for its own subscribers
-                    await signal.sleep(backend.check_interval)
+                    await signal.sleep(backend.follow_interval)  # woken if the lease frees
                     continue
                 next_poll = 0.0
             elif not await backend.renew(task_id):
@@ -172,10 +169,10 @@ async def poll_task(
                 failures, delay = outcome
                 next_poll = time.monotonic() + delay
             if not task.ended:
-                await signal.sleep(min(next_poll - time.monotonic(), backend.check_interval))
+                await signal.sleep(next_poll - time.monotonic())
     finally:
-        if owner:
-            await backend.release(task_id)
+        # Whatever this loop believed, a lease the backend still holds is given up.
+        await backend.release(task_id)
         await backend.interest(task_id, False)
 
 

@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from relay.backend import Change, Receive
+from relay.backend import Change, Receive, Wake
 from relay.cluster.placement import Placement
 from relay.protocol import HISTORY_SIZE
 
@@ -84,6 +84,10 @@ class MemoryBackend:
     def check_interval(self) -> float:
         return self.lease_ttl / 3
 
+    @property
+    def follow_interval(self) -> float:
+        return self.check_interval  # it wakes no loop: followers look every check
+
     def crash(self) -> None:
         """Go silent as a killed node would: no release, no messages, no heartbeat (its
         registry entry expires, and its leases with it)."""
@@ -99,7 +103,7 @@ class MemoryBackend:
             self.shared.nodes[self.node_id] = now + self.lease_ttl
         self.placement.saw_nodes({n: e for n, e in self.shared.nodes.items() if e > now})
 
-    def start(self, receive: Receive) -> None:
+    def start(self, receive: Receive, wake: Wake | None = None) -> None:
         self.shared.listeners[self.node_id] = receive
         self._ticker = asyncio.create_task(self._tick_forever())
 

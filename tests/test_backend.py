@@ -279,3 +279,26 @@ async def test_a_free_lease_is_left_to_the_preferred_watcher_but_a_lone_watcher_
     await b.interest(task_id, True)
     await a.interest(task_id, True)
     assert await a.acquire(task_id)
+
+
+async def test_a_loop_that_ends_during_an_outage_releases_the_lease_it_held(cluster) -> None:  # type: ignore[no-untyped-def]
+    (node,) = cluster(1)
+    simulator: Simulator = cluster.simulator
+    store: MemoryStore = cluster.store
+    task_id = simulator.start_task(queue=5, duration=5).task_id
+    follower = Follower(node, task_id)
+    await wait_for(lambda: store.holder(task_id) == "node-0")
+    node.backend.healthy = False  # type: ignore[misc]  # the node cannot reach the cluster
+
+    def told() -> bool:
+        return any(
+            e.kind == "error" and e.data["code"] == "cluster_unavailable" for e in follower.events
+        )
+
+    await wait_for(told)  # its loop took its "not healthy" turn, believing it holds no lease
+    follower._reader.cancel()
+    node.hub.unsubscribe(follower.cursor)  # the last subscriber leaves meanwhile...
+    await asyncio.sleep(0.3)  # ...and its linger runs out before the cluster is back
+    node.backend.healthy = True  # type: ignore[misc]
+    await wait_for(lambda: node.hub.loop_count == 0)
+    assert store.holder(task_id) is None, "a lease left held that nobody polls"

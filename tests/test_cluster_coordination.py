@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,7 @@ import redis as redis_sync
 
 from relay.backend import Change
 from relay.cluster import RedisBackend
-from relay.cluster.keys import state_key
+from relay.cluster.keys import CHANNEL, state_key
 from relay.metrics import Metrics
 from relay.protocol import dumps
 
@@ -227,3 +228,80 @@ async def test_subscribers_of_a_node_cut_off_from_redis_are_told_and_then_carry_
         await events.aclose()
     finally:
         server.stop()
+
+
+async def test_a_holder_whose_heartbeat_lapsed_gives_up_a_lease_taken_meanwhile(
+    nodes: Any,
+) -> None:
+    a, b = nodes(), nodes()
+    await asyncio.gather(a.ready(), b.ready())
+    await a.backend.interest("t5", True)
+    assert await a.backend.acquire("t5")
+    await b.backend.interest("t5", True)
+    a.backend._tasks[1].cancel()  # A's ticker stalls (Redis paused, a busy loop): no beat
+    await asyncio.sleep(LEASE_TTL * 1.5)
+    while not await b.backend.acquire("t5"):  # B takes the lease of a node that stopped
+        await asyncio.sleep(0.05)
+    a.backend._tasks[1] = asyncio.create_task(a.backend._tick_forever())  # A beats again
+    await wait_for(lambda: a.backend.healthy, timeout=5)
+    # What poll_task asks after its "not healthy" turn, and between two polls:
+    assert not await a.backend.acquire("t5"), "two nodes would poll the task"
+    assert not await a.backend.renew("t5")
+    assert a.backend.leases == set()
+
+
+async def test_release_frees_a_lease_the_node_kept_through_an_outage(
+    nodes: Any,
+) -> None:
+    a, b = nodes(), nodes()
+    await asyncio.gather(a.ready(), b.ready())
+    await a.backend.interest("t6", True)
+    assert await a.backend.acquire("t6")
+    a.backend._beat_at = -math.inf  # as if Redis had not answered for a lease period
+    assert not await a.backend.renew("t6")  # the loop stops polling...
+    await a.backend.release("t6")  # ...and, ending, lets the lease go whatever it believed
+    await b.backend.interest("t6", True)
+    assert await b.backend.acquire("t6")
+
+
+async def test_a_stored_sequence_number_never_goes_back(nodes: Any, redis_url: str) -> None:
+    a = nodes()
+    await a.ready()
+    await a.backend.interest("t7", True)
+    assert await a.backend.acquire("t7")
+    assert await a.backend.store(Change("t7", 105, {"progress": 0.5}))
+    assert not await a.backend.store(Change("t7", 42, {"progress": 0.1}))
+    store = redis_sync.Redis.from_url(redis_url)
+    assert store.hget(state_key("t7"), "seq") == b"105"
+
+
+async def test_a_change_a_node_cannot_read_leaves_its_listener_running(
+    nodes: Any, redis_url: str
+) -> None:
+    a, b = nodes(), nodes()
+    await asyncio.gather(a.ready(), b.ready())
+    for node in (a, b):
+        await node.backend.interest("t8", True)
+    assert await a.backend.acquire("t8")
+    store = redis_sync.Redis.from_url(redis_url)
+    newer = {"t": "t8", "e": {"code": "a_code_of_a_newer_version", "message": "?"}}
+    store.publish(CHANNEL, dumps({"n": "newer-node", "c": [newer]}))
+    assert await a.backend.store(Change("t8", 1, {"progress": 0.1}))
+    await wait_for(lambda: any(c.seq == 1 for c in b.received), timeout=5)
+    assert b.backend.healthy
+
+
+async def test_a_follower_forgets_the_holder_of_a_task_it_stopped_watching(nodes: Any) -> None:
+    a, b = nodes(), nodes()
+    await asyncio.gather(a.ready(), b.ready())
+    tasks = [f"w{n}" for n in range(20)]
+    for task_id in tasks:
+        await a.backend.interest(task_id, True)
+        assert await a.backend.acquire(task_id)
+        await b.backend.interest(task_id, True)
+        assert not await b.backend.acquire(task_id)
+    assert len(b.backend._holders) == len(tasks)
+    for task_id in tasks:
+        await b.backend.interest(task_id, False)
+    assert b.backend._holders == {} and b.backend._known == {}
+    assert b.backend._interest_at == {}

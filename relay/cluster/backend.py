@@ -3,16 +3,19 @@
 The `Backend` (see `backend.py`) of a relay started with `RELAY_REDIS_URL`. Redis costs
 per node and per change, not per task and per turn:
 
-- One ticker per node (`_tick_forever`), every `check_interval`, writes the node's
-  heartbeat and reads the live nodes, in one round trip. A lease (`keys.py`) is valid
-  while its holder beats, so that heartbeat keeps every lease the node holds. The same
-  round trip refreshes the interest entries that are due (once per `interest_refresh`).
-- Ownership: a node takes a task's lease when it is free, or from a holder that
-  stopped beating; the polling node's changes go out through `ChangeWriter` (fenced by
-  the lease, batched, published small).
+- One ticker per node (`tick`), every `check_interval`, writes the node's heartbeat and
+  reads the live nodes in Redis's own time, in one script. A lease (`keys.py`) is valid
+  while its holder beats, so that heartbeat keeps every lease the node holds. A node whose
+  heartbeat lapsed (Redis paused, the ticker late) checks each of its leases again before
+  it polls. The same round trip refreshes the interest entries that are due.
+- Ownership: a node takes a task's lease when it is free, or from a holder that stopped
+  beating; the polling node's changes go out through `ChangeWriter` (fenced by the lease,
+  batched, published small). A change from another node for a task this node holds means
+  the lease is that node's now.
 - Following: a follower learns changes from the channel, and looks at Redis for a task
-  only to decide something: its holder stopped beating, its lease was released, or a
-  message is missing (a patch that does not follow what it holds, or a reconnect).
+  only to decide something: its holder stopped beating or released the lease (the
+  follower's loop is woken), or a message is missing (a patch that does not follow what it
+  holds, a reconnect, or the periodic look that nets a lost message).
 - Placement: a free lease goes to the task's rendezvous choice among the live nodes that
   watch it, and a holder hands its lease over to that node after a while
   (`placement.py`), so the polling is spread over the nodes.
@@ -26,24 +29,26 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import secrets
 import time
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from math import inf
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from ..backend import Change, Receive
+from ..backend import Change, Receive, Wake
 from ..hub import NOT_FOUND_TTL
 from ..logs import about
 from ..metrics import Metrics
 from ..protocol import HISTORY_SIZE, dumps
-from .keys import ACQUIRE, CHANNEL, LOAD, NODES, RELEASE, interest_key, lease_key, state_key
+from .keys import ACQUIRE, CHANNEL, HEARTBEAT, LOAD, NODES, RELEASE, interest_key, state_key
 from .placement import Placement
-from .writer import ChangeWriter, Expiry, parse_batch
+from .writer import ChangeWriter, Expiry, Stored, parse_batch
 
 logger = logging.getLogger("relay.cluster")
 
@@ -53,13 +58,14 @@ logger = logging.getLogger("relay.cluster")
 REDIS_CONNECTIONS = 2048
 REDIS_TIMEOUT = 2.0
 STATE_TTL_SECONDS = 3600
-# A held lease's key, and its task's stored states, are given this long again once they
-# are this old (a lease lives as long as its holder beats; the key's own expiry only
+# A held task's key is given its hour again once it is this old (the key's expiry only
 # clears what a vanished cluster left behind).
-LEASE_KEY_TTL_SECONDS = STATE_TTL_SECONDS
 REFRESH_HELD_AFTER = STATE_TTL_SECONDS / 2
 # How often an unreachable Redis is said again in the log.
 UNREACHABLE_LOG_EVERY = 30.0
+# A follower whose lease holder is alive looks at Redis only every this many checks.
+FOLLOWER_LOOK_CHECKS = 10
+SWEEP_NODES_EVERY = 100  # ticks
 
 
 def shown_url(url: str) -> str:
@@ -72,6 +78,15 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def raise_if_cancelling() -> None:
+    """redis-py (8.2) can swallow a cancellation that comes during a command, returning its
+    answer while the task stays cancelled: a loop around it would then never end, nor
+    would the `close` that waits for it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class RedisBackend:
     """This node's view of the cluster: its Redis connection, leases and subscription."""
 
@@ -79,9 +94,12 @@ class RedisBackend:
         self.node_id = secrets.token_hex(8)
         self.url = shown_url(url)
         self.lease_ttl = lease_ttl
+        # The leases this node holds; those in `_unverified` may have been taken over
+        # while its heartbeat lapsed, and are checked before the next poll.
         self.leases: set[str] = set()
+        self._unverified: set[str] = set()
         self.metrics = metrics
-        self.placement = Placement(self.node_id, lease_ttl)
+        self.placement = Placement(self.node_id, lease_ttl, clock=self.redis_time)
         metrics.leases_held.set_function(lambda: len(self.leases))
         pool = redis.ConnectionPool.from_url(
             url,
@@ -91,32 +109,42 @@ class RedisBackend:
             health_check_interval=5,
         )
         self._redis = redis.Redis(connection_pool=pool)
-        self._acquire = self._redis.register_script(ACQUIRE)
-        self._load = self._redis.register_script(LOAD)
-        self._release = self._redis.register_script(RELEASE)
+        self._scripts: dict[str, str] = {}  # script -> its SHA once loaded
         expiry = Expiry(ended=STATE_TTL_SECONDS, unknown=int(NOT_FOUND_TTL))
         self._writer = ChangeWriter(self._redis, self.node_id, expiry, self.failed)
         self._receive: Receive = lambda change: True
+        self._wake: Wake = lambda task_id: None
         self._tasks: list[asyncio.Task[None]] = []
         # Tasks this node wants (a hub holds them), with the newest seq it has seen of
         # each, published or loaded: a load returns no older state, and no history, again.
         self._wanted: set[str] = set()
         self._known: dict[str, int] = {}
         self._interest_at: dict[str, float] = {}  # when this node's interest entry was written
-        self._holders: dict[str, str] = {}  # task -> the node seen holding its lease
-        self._held_at: dict[str, float] = {}  # task -> when its keys' expiry was last set
+        self._holders: dict[str, str] = {}  # wanted task -> the node seen holding its lease
+        self._absent: dict[str, float] = {}  # holder -> when first seen missing from `live`
+        self._held_at: dict[str, float] = {}  # task -> when its key's expiry was last set
         self._resyncing: dict[str, asyncio.Task[None]] = {}  # at most one per task
-        self._beat_at = -inf  # when a heartbeat last reached Redis
+        self._looks: dict[str, asyncio.TimerHandle] = {}  # followers woken for a free lease
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # holders woken to hand over
+        self._rng = random.Random()
+        self._beat_at = -inf  # when a heartbeat last reached Redis (monotonic)
+        self._ticks = 0
+        self._redis_now = (0.0, -inf)  # (Redis time at the last beat, monotonic then)
         self._listening = False
         self._unreachable_since: float | None = time.monotonic()
         self._unreachable_said = -inf
 
-    # -- health -------------------------------------------------------------------------
+    # -- time and health ------------------------------------------------------------------
 
     @property
     def check_interval(self) -> float:
-        """How often the ticker beats, and a follower looks at a free or orphaned lease."""
+        """How often the ticker beats, and a follower looks at a free lease."""
         return self.lease_ttl / 3
+
+    @property
+    def follow_interval(self) -> float:
+        """How long a follower waits between looks; it is woken when the lease may be free."""
+        return self.check_interval * FOLLOWER_LOOK_CHECKS
 
     @property
     def interest_refresh(self) -> float:
@@ -128,6 +156,11 @@ class RedisBackend:
         """How long an interest entry lasts unless rewritten: three refreshes."""
         return self.interest_refresh * 3
 
+    def redis_time(self) -> float:
+        """Redis's clock (seconds), as read at the last heartbeat and carried on since."""
+        at, when = self._redis_now
+        return at + (time.monotonic() - when) if when > -inf else time.time()
+
     @property
     def healthy(self) -> bool:
         """Redis answers: the last heartbeat got through lately and the channel is open."""
@@ -135,19 +168,20 @@ class RedisBackend:
 
     def failed(self, what: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(what).inc()
+        if isinstance(exc, NoScriptError):
+            self._scripts.clear()  # Redis restarted and forgot them: load them again
         now = time.monotonic()
         if self._unreachable_since is None:
             self._unreachable_since = now
         if now - self._unreachable_said >= UNREACHABLE_LOG_EVERY:
             self._unreachable_said = now
-            down = now - self._unreachable_since
             logger.warning(
                 "cannot reach Redis at %s (%s: %s) for %.0fs: this node neither polls nor"
                 " follows tasks, its subscribers are told cluster_unavailable; retrying",
                 self.url,
                 what,
                 exc,
-                down,
+                now - self._unreachable_since,
             )
 
     def _answered(self) -> None:
@@ -156,10 +190,27 @@ class RedisBackend:
         self._unreachable_since = None
         self._unreachable_said = -inf
 
+    async def _run(self, script: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        """EVALSHA, loading the script first (and again if Redis forgot it)."""
+        target = client or self._redis
+        for _ in range(2):
+            sha = self._scripts.get(script)
+            if sha is None:
+                sha = self._scripts[script] = str(await self._redis.script_load(script))
+            try:
+                return await target.evalsha(sha, len(keys), *keys, *args)
+            except RedisError as exc:
+                if "NOSCRIPT" not in str(exc):
+                    raise
+                del self._scripts[script]
+        raise RedisError("NOSCRIPT twice")
+
     # -- lifecycle ------------------------------------------------------------------
 
-    def start(self, receive: Receive) -> None:
+    def start(self, receive: Receive, wake: Wake | None = None) -> None:
         self._receive = receive
+        if wake is not None:
+            self._wake = wake
         self._tasks = [
             asyncio.create_task(self._listen_forever(), name="redis listener"),
             asyncio.create_task(self._tick_forever(), name="cluster ticker"),
@@ -169,6 +220,8 @@ class RedisBackend:
         """Stop, leave the registry and release the leases held: bounded, so that a Redis
         that stopped answering cannot hold the relay's shutdown (the leases then end with
         this node's heartbeat)."""
+        for timer in [*self._looks.values(), *self._timers.values()]:
+            timer.cancel()
         tasks = [*self._tasks, *self._resyncing.values()]
         for task in tasks:
             task.cancel()
@@ -177,11 +230,10 @@ class RedisBackend:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT * 2):
                 await self._writer.close()
-                # Leave the registry first, so that no node waits for this one to take a lease.
+                # Leave the registry first, so that no node waits for this one.
                 with contextlib.suppress(RedisError, OSError):
                     await self._redis.zrem(NODES, self.node_id)
-                for task_id in list(self.leases):
-                    await self.release(task_id)
+                await self._release_all(list(self.leases))
         except TimeoutError:
             logger.warning("Redis at %s did not answer: leaving the cluster unannounced", self.url)
         await self._redis.aclose(close_connection_pool=True)
@@ -189,46 +241,61 @@ class RedisBackend:
     async def _tick_forever(self) -> None:
         while True:
             await self.tick()
+            raise_if_cancelling()
             await asyncio.sleep(self.check_interval)
 
     async def tick(self) -> None:
         """One turn of the node's ticker: heartbeat, live nodes, interest and old keys due."""
-        ttl_ms = int(self.lease_ttl * 1000)
         now = time.monotonic()
-        now_ms = int(time.time() * 1000)
         interest_due = [
             t for t in self._wanted if now - self._interest_at.get(t, -inf) >= self.interest_refresh
         ]
         keys_due = [t for t in self.leases if now - self._held_at.get(t, now) >= REFRESH_HELD_AFTER]
+        ttl_ms = int(self.lease_ttl * 1000)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(NODES, {self.node_id: now_ms + ttl_ms})
-                pipe.zrangebyscore(NODES, now_ms, "+inf", withscores=True)
+                await self._run(HEARTBEAT, [NODES], [self.node_id, ttl_ms], client=pipe)
                 for task_id in interest_due:
-                    self._add_interest(pipe, task_id, now_ms)
+                    self._add_interest(pipe, task_id)
                 for task_id in keys_due:
-                    pipe.pexpire(lease_key(task_id), LEASE_KEY_TTL_SECONDS * 1000)
                     pipe.expire(state_key(task_id), STATE_TTL_SECONDS)
                 if now - self._beat_at > self.lease_ttl * 10:
-                    pipe.zremrangebyscore(NODES, "-inf", now_ms - ttl_ms * 10)
+                    pipe.zremrangebyscore(
+                        NODES, "-inf", int(self.redis_time() * 1000) - ttl_ms * 10
+                    )
                 results = await pipe.execute()
-            raise_if_cancelling()
         except (RedisError, OSError) as exc:
+            raise_if_cancelling()
             self.failed("heartbeat", exc)
             return
+        raise_if_cancelling()
+        redis_ms, before, live = results[0]
+        self._redis_now = (int(redis_ms) / 1000, now)
+        if before is None or float(before) < float(redis_ms):
+            # This node's heartbeat had run out: another node may have taken its leases.
+            self._unverified |= self.leases
         self._beat_at = now
         self._answered()
         for task_id in interest_due:
-            self._interest_at[task_id] = now
+            if task_id in self._wanted:
+                self._interest_at[task_id] = now
         for task_id in keys_due:
             self._held_at[task_id] = now
-        self.placement.saw_nodes({node.decode(): ms / 1000 for node, ms in results[1]})
+        pairs = zip(live[::2], live[1::2], strict=True)
+        nodes = {node.decode(): float(ms) / 1000 for node, ms in pairs}
+        self.placement.saw_nodes(nodes)
         self.placement.forget_stale(self.interest_refresh * 2)
+        for node, since in list(self._absent.items()):
+            if node in nodes or now - since > self.interest_ttl:
+                del self._absent[node]
+        for task_id, holder in list(self._holders.items()):
+            if holder not in nodes and holder != self.node_id:
+                self._wake(task_id)  # its holder stopped beating: the lease is to be taken
 
-    def _add_interest(self, pipe: Any, task_id: str, now_ms: int) -> None:
+    def _add_interest(self, pipe: Any, task_id: str) -> None:
         key = interest_key(task_id)
         ttl_ms = int(self.interest_ttl * 1000)
-        pipe.zadd(key, {self.node_id: now_ms + ttl_ms})
+        pipe.zadd(key, {self.node_id: int(self.redis_time() * 1000) + ttl_ms})
         pipe.pexpire(key, ttl_ms)
 
     async def _listen_forever(self) -> None:
@@ -242,13 +309,17 @@ class RedisBackend:
                 delay = 0.1
                 # Messages published while we were away are lost: read the stored truth.
                 for task_id in list(self._wanted):
-                    await self._resync(task_id)
+                    self._resync_soon(task_id)
                 await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
+                raise_if_cancelling()
                 self._listening = False
-                self.failed("subscribe", exc)
+                if isinstance(exc, RedisError | OSError):
+                    self.failed("subscribe", exc)
+                else:
+                    logger.exception("the cluster listener failed; reconnecting")
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
@@ -257,40 +328,58 @@ class RedisBackend:
 
     async def _listen(self, pubsub: Any) -> None:
         own = self._writer.own_prefix
+        heard = time.monotonic()
         while True:
             message = await pubsub.get_message(timeout=self.check_interval)
             raise_if_cancelling()
-            if message is None:
-                # Quiet channel: make sure Redis is still there (a half-open socket would
-                # otherwise go unnoticed).
-                await self._redis.ping()
+            now = time.monotonic()
+            if message is not None:
+                heard = now
+            elif now - heard > self.lease_ttl:
+                # Not even our PINGs' answers came back on this connection: half-open.
+                raise ConnectionError("no answer on the pub/sub connection")
+            else:
+                # Quiet: PING on this very connection (a pool connection's answer would say
+                # nothing of it); the PONG comes back as a message.
+                await pubsub.ping()
                 raise_if_cancelling()
                 continue
             data = message.get("data")
-            if not isinstance(data, bytes) or data.startswith(own):
+            if message.get("type") != "message" or not isinstance(data, bytes):
+                continue
+            if data.startswith(own):
                 continue
             batch = parse_batch(data)
             if batch is None:
                 logger.warning("ignoring a malformed cluster message")
                 continue
             for change in batch.changes:
-                self._take(change)
+                try:
+                    self._take(change)
+                except Exception:
+                    logger.exception("cannot apply a change of task %s", change.task_id)
+                    self._resync_soon(change.task_id)
             for task_id in batch.released:
-                # Taken at this node's next look, if it should poll the task.
-                self._holders.pop(task_id, None)
+                if self._holders.pop(task_id, None) is not None:
+                    self._wake(task_id)  # take the lease now, if this node should
 
     def _take(self, change: Change) -> None:
         """A change published by another node."""
         task_id = change.task_id
+        if task_id in self.leases:
+            # Another node stores this task's changes: its lease is that node's now.
+            self._gave_up(task_id)
         if task_id not in self._wanted:
             self._receive(change)  # not followed here: nothing to keep in step
             return
         if change.seq is not None:
             known = self._known.get(task_id, -1)
-            if change.state is None and known >= 0 and change.seq != known + 1:
+            if change.seq <= known:
+                return  # held already
+            if change.state is None and change.seq != known + 1:
                 self._resync_soon(task_id)  # a patch that does not follow what we hold
                 return
-            self._known[task_id] = max(known, change.seq)
+            self._known[task_id] = change.seq
         if not self._receive(change):
             self._resync_soon(task_id)
 
@@ -315,18 +404,13 @@ class RedisBackend:
         For a task this node wants, a state it has already seen is left out."""
         known = self._known.get(task_id, -1)
         try:
-            raw_seq, raw_error, holder, fields = await self._load(
-                keys=[state_key(task_id), lease_key(task_id)], args=[known]
-            )
+            raw_seq, raw_error, owner, fields = await self._run(LOAD, [state_key(task_id)], [known])
         except (RedisError, OSError) as exc:
             self.failed("read", exc)
             return None
         if task_id in self._wanted:
             # Who polls it now: a release whose message was lost is noticed here.
-            if holder is None:
-                self._holders.pop(task_id, None)
-            else:
-                self._holders[task_id] = holder.decode()
+            self._saw_holder(task_id, owner.decode() if owner is not None else None)
         error = json.loads(raw_error) if raw_error is not None else None
         seq = int(raw_seq) if raw_seq is not None else None
         ring = ring_entries(fields, seq)
@@ -340,76 +424,124 @@ class RedisBackend:
         return Change(task_id, seq, state, error=error, final=error is not None, history=ring)
 
     async def store(self, change: Change) -> bool:
-        """Store and publish a change while we hold the lease; False when we lost it."""
+        """Store and publish a change while we hold the lease; False when we lost it (or
+        this node's state is behind the stored one: the loop then reads it again)."""
+        task_id = change.task_id
         stored = await self._writer.write(change)
-        if not stored:
-            self._gave_up(change.task_id)
-        elif change.seq is not None and change.task_id in self._wanted:
-            self._known[change.task_id] = max(self._known.get(change.task_id, -1), change.seq)
-        return stored
+        if stored != Stored.DONE:
+            self._gave_up(task_id)
+            if stored == Stored.BEHIND:
+                self._known.pop(task_id, None)
+            return False
+        if change.seq is not None and task_id in self._wanted:
+            self._known[task_id] = max(self._known.get(task_id, -1), change.seq)
+        return True
 
     # -- leases -------------------------------------------------------------------------
 
     def _gave_up(self, task_id: str) -> None:
+        timer = self._timers.pop(task_id, None)
+        if timer is not None:
+            timer.cancel()
         self.leases.discard(task_id)
+        self._unverified.discard(task_id)
         self._held_at.pop(task_id, None)
         self.placement.gave_up(task_id)
 
+    def _saw_holder(self, task_id: str, holder: str | None) -> None:
+        if holder is None or holder == self.node_id:
+            self._holders.pop(task_id, None)
+        elif task_id in self._wanted:
+            self._holders[task_id] = holder
+
     def _holder_alive(self, task_id: str) -> bool:
         holder = self._holders.get(task_id)
-        if holder is None or holder == self.node_id:
-            return False
-        return self.placement.live.get(holder, 0.0) > self.placement.clock()
+        return holder is not None and self._alive(holder)
+
+    def _alive(self, node: str) -> bool:
+        """Whether a node seen holding a lease may still be alive: False only once a
+        heartbeat read after it was seen holding shows its heartbeat had run out."""
+        now = time.monotonic()
+        if now - self._beat_at > 2 * self.check_interval:
+            return True  # this node's view of who is alive is stale: take nothing
+        if self.placement.live.get(node, 0.0) > self.redis_time():
+            self._absent.pop(node, None)
+            return True
+        # Not in the registry as last read: dead, unless that read came before this node
+        # saw it holding (a node that just joined), which the next tick settles.
+        seen = self._absent.setdefault(node, now)
+        return self._beat_at <= seen
+
+    async def _try_acquire(self, task_id: str, take: bool, dead: str) -> Any:
+        args = [self.node_id, "1" if take else "0", dead, STATE_TTL_SECONDS]
+        return await self._run(ACQUIRE, [state_key(task_id)], args)
 
     async def acquire(self, task_id: str) -> bool:
         """Take the lease if it is free (or its holder stopped beating) and this node should
         poll the task (`placement.py`). While a live node holds it, no call at all."""
-        if task_id in self.leases:
+        if task_id in self.leases and task_id not in self._unverified:
             return True
-        if self._holder_alive(task_id) or not self.healthy:
+        if task_id not in self.leases and self._holder_alive(task_id):
+            return False  # its loop is woken when the holder stops beating or lets go
+        if not self.healthy:
             return False
         await self._read_watchers(task_id)
-        take = self.placement.should_take(task_id)
+        take = task_id in self.leases or self.placement.should_take(task_id)
         dead = self._holders.get(task_id, "")
         try:
-            won, holder = await self._acquire(
-                keys=[lease_key(task_id), state_key(task_id)],
-                args=[
-                    self.node_id,
-                    "1" if take else "0",
-                    dead,
-                    LEASE_KEY_TTL_SECONDS * 1000,
-                    STATE_TTL_SECONDS,
-                ],
-            )
+            won, holder = await self._try_acquire(task_id, take, dead)
+            holder = holder.decode() if isinstance(holder, bytes) else str(holder or "")
+            if won == 0 and holder != dead and not self._alive(holder):
+                # Held by a node this one had not seen holding it, and that node is dead.
+                dead = holder
+                won, holder = await self._try_acquire(task_id, take, dead)
         except (RedisError, OSError) as exc:
             self.failed("lease", exc)
+            self._look_again(task_id)
             return False
         holder = holder.decode() if isinstance(holder, bytes) else str(holder or "")
         if won != 1:
-            if holder:
-                self._holders[task_id] = holder
+            self._gave_up(task_id)
+            self._saw_holder(task_id, holder or None)
             if won == 0:
                 self.placement.held_elsewhere(task_id)
+            else:
+                self._look_again(task_id)  # free, left to another node for a while
             return False
-        self.leases.add(task_id)
-        self._held_at[task_id] = time.monotonic()
-        self.placement.took(task_id)
-        if dead:
-            self.metrics.lease_takeovers.inc()
-            logger.info("took over polling task %s", task_id, extra=about(task_id))
-        self._holders[task_id] = self.node_id
+        self._unverified.discard(task_id)
+        if task_id not in self.leases:
+            self.leases.add(task_id)
+            self._held_at[task_id] = time.monotonic()
+            self.placement.took(task_id)
+            # Its loop sleeps until its next poll: woken when the lease may be handed over,
+            # spread over a lease period (leases taken together are not handed over at once).
+            settled = self.placement.settle + self._rng.uniform(0, self.lease_ttl)
+            self._timers[task_id] = asyncio.get_running_loop().call_later(
+                settled, self._wake, task_id
+            )
+            if dead and dead != self.node_id:
+                self.metrics.lease_takeovers.inc()
+                logger.info("took over polling task %s", task_id, extra=about(task_id))
+        self._holders.pop(task_id, None)
         return True
+
+    def _look_again(self, task_id: str) -> None:
+        """Wake the task's loop after a check: its lease is free but not taken yet."""
+        if task_id not in self._looks:
+            loop = asyncio.get_running_loop()
+            self._looks[task_id] = loop.call_later(self.check_interval, self._looked, task_id)
+
+    def _looked(self, task_id: str) -> None:
+        self._looks.pop(task_id, None)
+        self._wake(task_id)
 
     async def renew(self, task_id: str) -> bool:
         """Keep the lease between two polls (its holder's heartbeat keeps it); or hand it
         to the node that should poll the task (False: this node stops and follows)."""
-        if task_id not in self.leases:
-            return False
-        if not self.healthy:
-            # Redis has not heard from us for a lease period: another node may poll it now.
-            self._gave_up(task_id)
-            return False
+        if task_id not in self.leases or not self.healthy:
+            return False  # kept in `leases` while unhealthy: checked again by `acquire`
+        if task_id in self._unverified:
+            return await self.acquire(task_id)
         if self.placement.hand_over_due(task_id):
             await self._read_watchers(task_id, fresh=self.interest_refresh)
             to = self.placement.hand_over_to(task_id)
@@ -424,13 +556,21 @@ class RedisBackend:
         return nullcontext()
 
     async def release(self, task_id: str) -> None:
-        self._gave_up(task_id)
-        self._holders.pop(task_id, None)
+        if task_id in self.leases:
+            await self._release_all([task_id])
+
+    async def _release_all(self, task_ids: Iterable[str]) -> None:
+        """Give leases up, in one round trip, and say so: followers take them at once."""
+        released = list(task_ids)
+        for task_id in released:
+            self._gave_up(task_id)
+        if not released:
+            return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                await self._release(keys=[lease_key(task_id)], args=[self.node_id], client=pipe)
-                # Followers take a released lease at once instead of at their next look.
-                pipe.publish(CHANNEL, dumps({"n": self.node_id, "c": [], "r": [task_id]}))
+                for task_id in released:
+                    await self._run(RELEASE, [state_key(task_id)], [self.node_id], client=pipe)
+                pipe.publish(CHANNEL, dumps({"n": self.node_id, "c": [], "r": released}))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.failed("lease", exc)
@@ -449,11 +589,14 @@ class RedisBackend:
             self._wanted.add(task_id)
             await self._write_interest(task_id, True)
             return max(1, self._watcher_count(task_id))
+        self._holders.pop(task_id, None)
+        look = self._looks.pop(task_id, None)
+        if look is not None:
+            look.cancel()
         if task_id in self._wanted:
             self._wanted.discard(task_id)
             self._known.pop(task_id, None)
             self._interest_at.pop(task_id, None)
-            self._holders.pop(task_id, None)
             await self._write_interest(task_id, False)
         else:
             # Polled for other nodes' subscribers: look again once a lease period.
@@ -463,31 +606,30 @@ class RedisBackend:
     def _watcher_count(self, task_id: str) -> int:
         """The nodes whose interest in the task holds: unexpired, and from a live node, or
         written within the last lease period (a node that joined since the last tick)."""
-        now = self.placement.clock()
+        now = self.redis_time()
         recent = now - self.lease_ttl + self.interest_ttl
+        live = self.placement.live
         _, nodes = self.placement.watchers.get(task_id, (0.0, {}))
         return sum(
             1
             for node, expiry in nodes.items()
-            if expiry > now
-            and (node == self.node_id or self.placement.live.get(node, 0) > now or expiry > recent)
+            if expiry > now and (node == self.node_id or live.get(node, 0) > now or expiry > recent)
         )
 
     async def _write_interest(self, task_id: str, wanted: bool) -> None:
-        now_ms = int(time.time() * 1000)
         key = interest_key(task_id)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 if wanted:
-                    self._add_interest(pipe, task_id, now_ms)
+                    self._add_interest(pipe, task_id)
                 else:
                     pipe.zrem(key, self.node_id)
-                pipe.zrangebyscore(key, now_ms, "+inf", withscores=True)
+                pipe.zrangebyscore(key, int(self.redis_time() * 1000), "+inf", withscores=True)
                 results = await pipe.execute()
         except (RedisError, OSError) as exc:
             self.failed("interest", exc)
             return
-        if wanted:
+        if wanted and task_id in self._wanted:
             self._interest_at[task_id] = time.monotonic()
         self._saw_watchers(task_id, results[-1])
 
@@ -499,7 +641,7 @@ class RedisBackend:
             return
         try:
             entries = await self._redis.zrangebyscore(
-                interest_key(task_id), int(time.time() * 1000), "+inf", withscores=True
+                interest_key(task_id), int(self.redis_time() * 1000), "+inf", withscores=True
             )
         except (RedisError, OSError) as exc:
             self.failed("interest", exc)
@@ -508,15 +650,6 @@ class RedisBackend:
 
     def _saw_watchers(self, task_id: str, entries: Any) -> None:
         self.placement.saw_watchers(task_id, {node.decode(): ms / 1000 for node, ms in entries})
-
-
-def raise_if_cancelling() -> None:
-    """redis-py (8.2) can swallow a cancellation that comes during a command, returning its
-    answer while the task stays cancelled: a loop around it would then never end, nor
-    would the `close` that waits for it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def ring_entries(fields: list[bytes], seq: int | None) -> list[tuple[int, dict[str, Any]]]:

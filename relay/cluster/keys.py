@@ -1,18 +1,18 @@
 """What a cluster keeps in Redis: key names and the scripts that change them.
 
 Every key of a task carries the task ID as its hash tag (`relay:{ID}:...`), and every
-script touches the keys of one task only, so that a sharded Redis Cluster could hold
-them later. The node registry and the channel are the only keys shared by all tasks.
+script but the heartbeat touches one task's key only, so that a sharded Redis Cluster
+could hold them later. The node registry and the channel are shared by all tasks.
 
-- `relay:nodes`, sorted set: node ID by the expiry of its last heartbeat (ms). A lease
-  is valid while its holder's heartbeat is: one write per node per period keeps every
-  lease of the node, instead of one renewal per lease.
-- `relay:{ID}:lease`, string: the node polling the task. Taken while free, or from a
-  holder that stopped beating (compare-and-set on that holder's ID); it changes hands
-  only by these scripts, and every store is fenced by it.
-- `relay:{ID}:state`, hash: `seq` (the last state's number), `error` (a final error),
-  and a ring of the last `HISTORY_SIZE` states, field `r<seq mod HISTORY_SIZE>`, each
-  `[seq, state]`: a change is written once, as one field, with its number.
+- `relay:nodes`, sorted set: node ID by the expiry of its last heartbeat, in Redis's own
+  time (ms), so that the nodes' clocks need not agree. A lease is valid while its
+  holder's heartbeat is: one write per node per period keeps every lease of the node.
+- `relay:{ID}:state`, hash, all there is of a task: `owner` (the node polling it: its
+  lease), `seq` (the last state's number), `error` (a final error), and a ring of the
+  last `HISTORY_SIZE` states, field `r<seq mod HISTORY_SIZE>`, each `[seq, state]`. The
+  lease is taken while free, or from an owner that stopped beating (compare-and-set on
+  that owner's ID), and every store is fenced by it in the same read that checks the
+  number grows: a change is one read and one write.
 - `relay:{ID}:interest`, sorted set: node ID by the expiry of its interest (ms).
 - `relay:changes`, channel: what the polling nodes stored, in batches.
 """
@@ -21,10 +21,6 @@ from __future__ import annotations
 
 CHANNEL = "relay:changes"
 NODES = "relay:nodes"
-
-
-def lease_key(task_id: str) -> str:
-    return f"relay:{{{task_id}}}:lease"
 
 
 def state_key(task_id: str) -> str:
@@ -39,44 +35,58 @@ def ring_field(seq: int, size: int) -> str:
     return f"r{seq % size}"
 
 
-# KEYS: lease, state. ARGV: node, seq ('' for an error), ring field or 'error', entry,
-# expiry in seconds ('0': leave it). 1 stored, 0 the lease is not ours (fenced).
+# KEYS: nodes. ARGV: node, heartbeat lifetime (ms). Returns {Redis time (ms), this node's
+# previous expiry or false, {node, expiry, ...} of the live nodes}.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local before = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {now, before, redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf', 'WITHSCORES')}
+"""
+
+# KEYS: state. ARGV: node, seq ('' for an error), ring field or 'error', entry ('' for a
+# passing error: fenced, not stored), expiry in seconds ('0': leave it).
+# 1 stored; 0 the lease is not ours (fenced); -1 the seq is not newer than the stored one.
 STORE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local owner, seq = unpack(redis.call('HMGET', KEYS[1], 'owner', 'seq'))
+if owner ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[2], 'seq', ARGV[2], ARGV[3], ARGV[4])
+  if seq and tonumber(ARGV[2]) <= tonumber(seq) then return -1 end
+  redis.call('HSET', KEYS[1], 'seq', ARGV[2], ARGV[3], ARGV[4])
 elseif ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+  redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
 end
-if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+if ARGV[5] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
 
-# KEYS: lease, state. ARGV: node, take ('1' or '0'), the holder known to be dead (or ''),
-# lease expiry (ms), state expiry (s). Returns {1, node} taken (or already ours),
-# {0, holder} held by a live node, {2, holder or ''} free but left to another node.
+# KEYS: state. ARGV: node, take ('1' or '0'), the owner known to be dead (or ''), expiry
+# (s). Returns {1, node} taken (or already ours), {0, owner} held by a live node,
+# {2, owner or ''} free but left to another node.
 ACQUIRE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then return {1, holder} end
-if holder and holder ~= ARGV[3] then return {0, holder} end
-if ARGV[2] ~= '1' then return {2, holder or ''} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner == ARGV[1] then return {1, owner} end
+if owner and owner ~= ARGV[3] then return {0, owner} end
+if ARGV[2] ~= '1' then return {2, owner or ''} end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
 return {1, ARGV[1]}
 """
 
-# KEYS: lease. ARGV: node.
+# KEYS: state. ARGV: node.
 RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  return redis.call('HDEL', KEYS[1], 'owner')
+end
 return 0
 """
 
-# KEYS: state, lease. ARGV: the seq the reader holds. {seq, error, holder, fields}: the
-# fields (the ring) only when the stored seq is newer than the reader's, so that a
-# follower's look costs a few bytes; the holder tells it whether anyone polls the task.
+# KEYS: state. ARGV: the seq the reader holds. {seq, error, owner, fields}: the fields (the
+# ring) only when the stored seq is newer than the reader's, so that a follower's look
+# costs a few bytes; the owner tells it whether anyone polls the task.
 LOAD = """
-local seq, err = unpack(redis.call('HMGET', KEYS[1], 'seq', 'error'))
-local holder = redis.call('GET', KEYS[2])
-if not seq or tonumber(seq) <= tonumber(ARGV[1]) then return {seq, err, holder, {}} end
-return {seq, err, holder, redis.call('HGETALL', KEYS[1])}
+local seq, err, owner = unpack(redis.call('HMGET', KEYS[1], 'seq', 'error', 'owner'))
+if not seq or tonumber(seq) <= tonumber(ARGV[1]) then return {seq, err, owner, {}} end
+return {seq, err, owner, redis.call('HGETALL', KEYS[1])}
 """

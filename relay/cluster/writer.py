@@ -3,7 +3,7 @@
 A loop hands its change to `write` and waits. While one batch is in flight the next
 gathers, so under load a round trip carries many changes (group commit) and alone it
 carries one, at once. A batch is a pipeline of one fenced `STORE` per change (each on one
-task's keys), then one `PUBLISH` of the changes that were stored: a change is written
+task's key), then one `PUBLISH` of the changes that were stored: a change is written
 once, and published small (its patch when it has one, not its state).
 """
 
@@ -13,16 +13,25 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError, RedisError
 
 from ..backend import Change
-from ..protocol import HISTORY_SIZE, dumps
-from .keys import CHANNEL, STORE, lease_key, ring_field, state_key
+from ..protocol import HISTORY_SIZE, ErrorCode, dumps
+from .keys import CHANNEL, STORE, ring_field, state_key
 
 MAX_BATCH = 500
+
+
+class Stored(IntEnum):
+    """What `STORE` answered for a change."""
+
+    DONE = 1
+    FENCED = 0  # the lease is not this node's
+    BEHIND = -1  # the stored number is not older: this node's state is behind
 
 
 @dataclass(frozen=True)
@@ -66,14 +75,16 @@ class ChangeWriter:
         self._expiry = expiry
         self._failed = failed
         self._sha: str | None = None
-        self._pending: list[tuple[Change, asyncio.Future[bool]]] = []
+        self._pending: list[tuple[Change, asyncio.Future[int]]] = []
+        self._sending: list[tuple[Change, asyncio.Future[int]]] = []
         self._flushing: asyncio.Task[None] | None = None
         # Every node receives its own messages too: they start with these bytes.
         self.own_prefix = (dumps({"n": node_id})[:-1] + ",").encode()
 
-    def write(self, change: Change) -> Awaitable[bool]:
-        """Store and publish a change; True once stored, False when the lease is not ours."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    def write(self, change: Change) -> Awaitable[int]:
+        """Store and publish a change; what `STORE` answered (`Stored`), FENCED also when
+        Redis could not be reached."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((change, future))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush(), name="cluster writer")
@@ -87,34 +98,37 @@ class ChangeWriter:
         try:
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                results = await self._send(batch)
-                for (_, future), stored in zip(batch, results, strict=True):
+                self._sending = batch
+                results = await self._send([change for change, _ in batch])
+                for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
-                        future.set_result(stored)
+                        future.set_result(result)
         finally:
             self._flushing = None
-            for _, future in self._pending:  # cancelled mid-batch: nothing was written
+            # Cancelled (at close): what was not answered counts as not stored.
+            for _, future in [*self._sending, *self._pending]:
                 if not future.done():
-                    future.set_result(False)
+                    future.set_result(Stored.FENCED)
+            self._sending = []
             self._pending = []
 
-    async def _send(self, batch: list[tuple[Change, asyncio.Future[bool]]]) -> list[bool]:
+    async def _send(self, changes: list[Change]) -> list[int]:
         try:
-            answers = await self._store_all([change for change, _ in batch])
+            answers = await self._store_all(changes)
             if any(isinstance(answer, NoScriptError) for answer in answers):
                 self._sha = None  # Redis restarted and forgot the script: load it again
-                answers = await self._store_all([change for change, _ in batch])
+                answers = await self._store_all(changes)
             for answer in answers:
                 if isinstance(answer, Exception):
                     raise answer
-            results = [bool(answer) for answer in answers]
-            stored = [change for (change, _), done in zip(batch, results, strict=True) if done]
+            results = [int(answer) for answer in answers]
+            stored = [c for c, done in zip(changes, results, strict=True) if done == Stored.DONE]
             if stored:
                 message = {"n": self._node_id, "c": [message_of(c) for c in stored]}
                 await self._redis.publish(CHANNEL, dumps(message))
         except (RedisError, OSError) as exc:
             self._failed("publish", exc)
-            return [False] * len(batch)  # the loops stop polling; they retake free leases
+            return [Stored.FENCED] * len(changes)  # the loops stop; they retake their leases
         return results
 
     async def _store_all(self, changes: list[Change]) -> list[Any]:
@@ -127,9 +141,7 @@ class ChangeWriter:
         async with self._redis.pipeline(transaction=False) as pipe:
             for change in changes:
                 args = store_args(self._node_id, change, self._expiry)
-                pipe.evalsha(
-                    self._sha, 2, lease_key(change.task_id), state_key(change.task_id), *args
-                )
+                pipe.evalsha(self._sha, 1, state_key(change.task_id), *args)
             return list(await pipe.execute(raise_on_error=False))
 
 
@@ -142,13 +154,20 @@ class Batch:
 
 
 def parse_batch(raw: Any) -> Batch | None:
-    """A published batch; None for anything malformed."""
+    """A published batch; None when it is not one. A change in it that cannot be read
+    (say, an error code of a newer version) is left out: its task resyncs at the next."""
     try:
         message = json.loads(raw)
-        changes = [parse_change(entry) for entry in message["c"]]
+        entries = list(message["c"])
         released = [str(task_id) for task_id in message.get("r", [])]
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError):
         return None
+    changes = []
+    for entry in entries:
+        try:
+            changes.append(parse_change(entry))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
     return Batch(changes, released)
 
 
@@ -156,9 +175,10 @@ def parse_change(entry: dict[str, Any]) -> Change:
     task_id = str(entry["t"])
     if "e" in entry:
         error = entry["e"]
+        code = ErrorCode(str(error["code"]))  # ValueError for a code this version lacks
         return Change(
             task_id,
-            error={"code": str(error["code"]), "message": str(error["message"])},
+            error={"code": code.value, "message": str(error["message"])},
             final=bool(entry.get("final")),
         )
     seq = int(entry["s"])
