@@ -145,12 +145,14 @@ async def poll_task(
             if not await backend.interest(task_id, signal.wanted):
                 return  # nobody anywhere watches it any more
             if not owner:
-                owner = await backend.acquire(task_id)
-                if owner or time.monotonic() - looked >= backend.follow_interval:
-                    # Taken over: continue from what the last polling node stored. Following:
-                    # changes come from the channel; this look is the net under it.
+                if time.monotonic() - looked >= backend.follow_interval:
+                    # Following: changes come from the channel; this look (the stored state
+                    # and who holds the lease) is the net under it, before trying the lease.
                     await sync(task, backend)
                     looked = time.monotonic()
+                owner = await backend.acquire(task_id)
+                if owner:
+                    await sync(task, backend)  # continue from what the last holder stored
                 if not owner:
                     if not signal.wanted:
                         return  # another node polls it for its own subscribers

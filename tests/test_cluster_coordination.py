@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_sync
+from redis import exceptions as redis_exceptions
 
 from relay.backend import Change
 from relay.cluster import RedisBackend
@@ -260,6 +261,7 @@ async def test_release_frees_a_lease_the_node_kept_through_an_outage(
     a.backend._beat_at = -math.inf  # as if Redis had not answered for a lease period
     assert not await a.backend.renew("t6")  # the loop stops polling...
     await a.backend.release("t6")  # ...and, ending, lets the lease go whatever it believed
+    await a.backend.interest("t6", False)
     await b.backend.interest("t6", True)
     assert await b.backend.acquire("t6")
 
@@ -305,3 +307,29 @@ async def test_a_follower_forgets_the_holder_of_a_task_it_stopped_watching(nodes
         await b.backend.interest(task_id, False)
     assert b.backend._holders == {} and b.backend._known == {}
     assert b.backend._interest_at == {}
+
+
+async def test_a_release_that_does_not_reach_redis_is_sent_again(
+    nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = nodes(), nodes()
+    await asyncio.gather(a.ready(), b.ready())
+    await a.backend.interest("t9", True)
+    assert await a.backend.acquire("t9")
+    real = a.backend._redis.pipeline
+    armed = True
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal armed
+        if armed:
+            armed = False
+            raise redis_exceptions.ConnectionError("Too many connections")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(a.backend._redis, "pipeline", failing_once)
+    await a.backend.release("t9")  # its one round trip fails
+    assert not armed and a.backend._to_release == {"t9"}
+    await wait_for(lambda: not a.backend._to_release, timeout=5)  # the ticker sent it
+    await a.backend.interest("t9", False)  # as its loop does, ending
+    await b.backend.interest("t9", True)
+    assert await b.backend.acquire("t9"), "a lease left naming a live node is never taken"

@@ -56,6 +56,10 @@ logger = logging.getLogger("relay.cluster")
 # refuses the 101st call in flight, which a node whose hundreds of loops start at once
 # makes.
 REDIS_CONNECTIONS = 2048
+# Calls of the loops in flight at once, well within the connections: thousands of loops that
+# end together (their subscribers gone at once) wait their turn instead of failing with
+# "Too many connections".
+REDIS_CALLS = 512
 REDIS_TIMEOUT = 2.0
 STATE_TTL_SECONDS = 3600
 # A held task's key is given its hour again once it is this old (the key's expiry only
@@ -110,6 +114,9 @@ class RedisBackend:
         )
         self._redis = redis.Redis(connection_pool=pool)
         self._scripts: dict[str, str] = {}  # script -> its SHA once loaded
+        self._calls = asyncio.Semaphore(REDIS_CALLS)
+        # Leases given up whose release did not reach Redis yet: sent again with each tick.
+        self._to_release: set[str] = set()
         expiry = Expiry(ended=STATE_TTL_SECONDS, unknown=int(NOT_FOUND_TTL))
         self._writer = ChangeWriter(self._redis, self.node_id, expiry, self.failed)
         self._receive: Receive = lambda change: True
@@ -191,8 +198,14 @@ class RedisBackend:
         self._unreachable_said = -inf
 
     async def _run(self, script: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
-        """EVALSHA, loading the script first (and again if Redis forgot it)."""
-        target = client or self._redis
+        """EVALSHA, loading the script first (and again if Redis forgot it); on a pipeline,
+        only queued."""
+        if client is None:
+            async with self._calls:
+                return await self._evalsha(script, keys, args, self._redis)
+        return await self._evalsha(script, keys, args, client)
+
+    async def _evalsha(self, script: str, keys: list[str], args: list[Any], target: Any) -> Any:
         for _ in range(2):
             sha = self._scripts.get(script)
             if sha is None:
@@ -269,6 +282,8 @@ class RedisBackend:
             self.failed("heartbeat", exc)
             return
         raise_if_cancelling()
+        if self._to_release:
+            await self._release_all(())
         redis_ms, before, live = results[0]
         self._redis_now = (int(redis_ms) / 1000, now)
         if before is None or float(before) < float(redis_ms):
@@ -509,6 +524,7 @@ class RedisBackend:
                 self._look_again(task_id)  # free, left to another node for a while
             return False
         self._unverified.discard(task_id)
+        self._to_release.discard(task_id)
         if task_id not in self.leases:
             self.leases.add(task_id)
             self._held_at[task_id] = time.monotonic()
@@ -560,20 +576,25 @@ class RedisBackend:
             await self._release_all([task_id])
 
     async def _release_all(self, task_ids: Iterable[str]) -> None:
-        """Give leases up, in one round trip, and say so: followers take them at once."""
-        released = list(task_ids)
-        for task_id in released:
+        """Give leases up, in one round trip, and say so: followers take them at once. What
+        does not reach Redis is sent again with the next tick: a lease left naming a live
+        node would never be taken by another."""
+        for task_id in task_ids:
             self._gave_up(task_id)
+            self._to_release.add(task_id)
+        released = list(self._to_release)
         if not released:
             return
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with self._calls, self._redis.pipeline(transaction=False) as pipe:
                 for task_id in released:
                     await self._run(RELEASE, [state_key(task_id)], [self.node_id], client=pipe)
                 pipe.publish(CHANNEL, dumps({"n": self.node_id, "c": [], "r": released}))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.failed("lease", exc)
+            return
+        self._to_release.difference_update(released)
 
     # -- interest ----------------------------------------------------------------------
 
@@ -619,7 +640,7 @@ class RedisBackend:
     async def _write_interest(self, task_id: str, wanted: bool) -> None:
         key = interest_key(task_id)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
+            async with self._calls, self._redis.pipeline(transaction=False) as pipe:
                 if wanted:
                     self._add_interest(pipe, task_id)
                 else:
@@ -640,9 +661,10 @@ class RedisBackend:
         if seen is not None and time.monotonic() - seen[0] < limit:
             return
         try:
-            entries = await self._redis.zrangebyscore(
-                interest_key(task_id), int(self.redis_time() * 1000), "+inf", withscores=True
-            )
+            async with self._calls:
+                entries = await self._redis.zrangebyscore(
+                    interest_key(task_id), int(self.redis_time() * 1000), "+inf", withscores=True
+                )
         except (RedisError, OSError) as exc:
             self.failed("interest", exc)
             return
