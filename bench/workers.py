@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import shutil
 import subprocess
 import time
@@ -71,6 +72,7 @@ CONFIGS = {
 }
 LEASE_TTL = 3.0  # the relay's default (RELAY_LEASE_TTL)
 SPREAD_TASKS, SPREAD_NODES, SPREAD_LOW, SPREAD_HIGH = 60, 3, 10, 30
+SPREAD_AFTER = 15.0  # seconds sampled past the deadline
 
 
 @dataclass(frozen=True)
@@ -415,6 +417,7 @@ def spread_run(upstream: Server, redis: RedisServer, tree: RelayTree = THIS_TREE
     ids = [f"{prefix}-{i}" for i in range(SPREAD_TASKS)]
     groups: list[LoadGroup] = []
     try:
+        first = time.monotonic()
         for node in nodes:
             group = LoadGroup(node.url, "sse", [(task, 1) for task in ids])
             groups.append(group)
@@ -423,11 +426,16 @@ def spread_run(upstream: Server, redis: RedisServer, tree: RelayTree = THIS_TREE
         deadline = last + 10 * LEASE_TTL
         settled_at: float | None = None
         samples: list[list[int]] = []
-        while time.monotonic() < deadline:
+        held_then: list[int] = []
+        # Sampled past the deadline too, to tell a spread that comes late from one that
+        # never comes.
+        while time.monotonic() < deadline + SPREAD_AFTER:
             held = [leases_held(node) for node in nodes]
             samples.append(held)
             if settled_at is None and settles(held):
                 settled_at = time.monotonic() - last
+            if not held_then and time.monotonic() >= deadline:
+                held_then = held
             time.sleep(0.5)
         held = [leases_held(node) for node in nodes]
         calls0 = task_calls(upstream, ids)
@@ -435,15 +443,20 @@ def spread_run(upstream: Server, redis: RedisServer, tree: RelayTree = THIS_TREE
         calls1 = task_calls(upstream, ids)
         result: dict[str, Any] = {
             "tree": tree.label,
-            "held": held,
-            "met": settles(held),
+            "held": held_then,
+            "held_late": held,
+            "met": settles(held_then),
             "settled_at": settled_at,
+            "span": last - first,
+            "rendezvous": rendezvous_counts(redis, ids),
             "most_loops": max(sum(sample) for sample in samples),
             **polling(calls0, calls1, 5.0, 1.0),
         }
         log(
-            f"spread {tree.label}: {held} after {10 * LEASE_TTL:.0f} s, first settled at "
-            f"{settled_at if settled_at is None else round(settled_at, 1)} s, "
+            f"spread {tree.label}: {held_then} after {10 * LEASE_TTL:.0f} s, {held} after "
+            f"{10 * LEASE_TTL + SPREAD_AFTER:.0f} s (rendezvous: {result['rendezvous']}), first "
+            f"settled at {settled_at if settled_at is None else round(settled_at, 1)} s, "
+            f"subscriptions took {last - first:.1f} s, "
             f"{result['unpolled']} unpolled, {result['doubled']} doubled"
         )
         return result
@@ -456,6 +469,20 @@ def spread_run(upstream: Server, redis: RedisServer, tree: RelayTree = THIS_TREE
         report_log(f"spread {tree.label}", lines)
         if "result" in locals():
             result["log_lines"] = len(lines)
+
+
+def rendezvous_counts(redis: RedisServer, tasks: list[str]) -> list[int]:
+    """How many of `tasks` each registered node is the rendezvous choice for
+    (relay/cluster/placement.py's weight, the same in both trees), most first."""
+    registered = redis.client.zrange("relay:nodes", 0, -1)
+    nodes = [n.decode() if isinstance(n, bytes) else str(n) for n in registered]
+
+    def weight(node: str, task: str) -> int:
+        digest = hashlib.blake2b(f"{node}\x00{task}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    choices = [max(nodes, key=lambda node: weight(node, task)) for task in tasks] if nodes else []
+    return sorted((choices.count(node) for node in nodes), reverse=True)
 
 
 def settles(held: list[int]) -> bool:
@@ -695,7 +722,10 @@ def report_spread(results: list[dict[str, Any]], command: str, trees: list[Relay
                 tree.label,
                 f"{sum(r['met'] for r in runs)} of {len(runs)}",
                 ", ".join(str(r["held"]) for r in runs),
+                ", ".join(str(r["held_late"]) for r in runs),
+                ", ".join(str(r["rendezvous"]) for r in runs),
                 ", ".join("never" if t is None else f"{t:.1f}" for t in settled),
+                summary((r["span"] for r in runs), 1),
                 ", ".join(str(r["most_loops"]) for r in runs),
                 health(runs),
             ]
@@ -705,7 +735,10 @@ def report_spread(results: list[dict[str, Any]], command: str, trees: list[Relay
             "tree",
             f"runs with every node at {SPREAD_LOW}-{SPREAD_HIGH}",
             f"leases held per node {10 * LEASE_TTL:.0f} s after the last subscription",
+            f"... and {10 * LEASE_TTL + SPREAD_AFTER:.0f} s after",
+            "rendezvous choices per node (sorted)",
             "first at 10-30 each, s after the last subscription",
+            "s from the first subscription to the last one served",
             "most leases held at once (all nodes)",
             "tasks unpolled / polled twice (5 s after) / relay log lines",
         ],
