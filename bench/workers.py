@@ -248,9 +248,11 @@ def calls_run(
     window: float,
     tree: RelayTree = THIS_TREE,
     profile: Path | None = None,
+    settle: float = 0.0,
 ) -> dict[str, Any]:
     """Part `calls`: T hot tasks x 1 subscriber, one poll a second each. `profile`: a py-spy
-    profile of one more window, after the measured one (a single process only)."""
+    profile of one more window, after the measured one (a single process only). `settle`:
+    seconds more before the window (a cluster's leases hand over after ten lease periods)."""
     redis.client.flushall()
     relay = start(config, upstream, 1.0, redis, tree)
     prefix = f"hot-{''.join(c for c in config + tree.label if c.isalnum())}-{time.monotonic_ns()}"
@@ -258,7 +260,7 @@ def calls_run(
     group = LoadGroup(relay.url, "sse", [(task, 1) for task in ids])
     try:
         ready = group.wait_ready()
-        time.sleep(3.0)
+        time.sleep(3.0 + settle)
         per_task0 = task_calls(upstream, ids)
         calls0, cpu0, r0, rcpu0, t0 = (
             total_calls(upstream),
@@ -336,6 +338,7 @@ def idle_run(
     window: float,
     tree: RelayTree = THIS_TREE,
     profile: Path | None = None,
+    settle: float = 0.0,
 ) -> dict[str, Any]:
     """Part `idle`: T idle tasks, one subscriber per task on each relay: a relay alone, or
     two cluster nodes (every task watched on both). `profile`: py-spy on the first node for
@@ -350,7 +353,7 @@ def idle_run(
         for node in nodes:
             groups.append(LoadGroup(node.url, "sse", [(task, 1) for task in ids]))
         ready = sum(group.wait_ready() for group in groups)
-        time.sleep(4.0)
+        time.sleep(4.0 + settle)
         calls0 = task_calls(upstream, ids)
         r0, c0, cpu0, t0 = (
             redis.counters(),
@@ -773,6 +776,12 @@ def main() -> None:
         default=None,
         help="parts calls and idle: py-spy profiles of round 1 here (one more window each)",
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="parts calls and idle: seconds more before each window (steady state)",
+    )
     parser.add_argument("--quick", action="store_true", help="small counts, one rep")
     args = parser.parse_args()
     if args.quick:
@@ -792,7 +801,14 @@ def main() -> None:
                     for tree in trees:
                         profile = args.profile if rep == 0 else None
                         run = calls_run(
-                            config, upstream, redis, args.tasks, args.window, tree, profile
+                            config,
+                            upstream,
+                            redis,
+                            args.tasks,
+                            args.window,
+                            tree,
+                            profile,
+                            args.settle,
                         )
                         results.append({**run, "rep": rep})
                         time.sleep(3.0)
@@ -815,7 +831,14 @@ def main() -> None:
                     for tree in trees:
                         profile = args.profile if rep == 0 else None
                         run = idle_run(
-                            config, upstream, redis, args.idle_tasks, args.window, tree, profile
+                            config,
+                            upstream,
+                            redis,
+                            args.idle_tasks,
+                            args.window,
+                            tree,
+                            profile,
+                            args.settle,
                         )
                         idle.append({**run, "rep": rep})
                         time.sleep(2.0)
