@@ -258,7 +258,11 @@ def calls_run(
     # Short: the load client gets the IDs on its command line (at most 128 KiB an argument).
     prefix = f"hot{time.monotonic_ns() % 10**10}"
     ids = [f"{prefix}-{i}" for i in range(tasks)]
-    group = LoadGroup(relay.url, "sse", [(task, 1) for task in ids])
+    try:
+        group = LoadGroup(relay.url, "sse", [(task, 1) for task in ids])
+    except BaseException:
+        relay.stop()
+        raise
     try:
         ready = group.wait_ready()
         time.sleep(3.0 + settle)
