@@ -113,14 +113,16 @@ def http_json(method: str, url: str, body: Any = None, timeout: float = 10.0) ->
 class Proc:
     """A child process whose output goes to a log file; stopped with SIGTERM, then SIGKILL."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, stdin: bool = False) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], *, stdin: bool = False, cwd: Path = ROOT
+    ) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = LOG_DIR / f"{name}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
             list(argv),
-            cwd=ROOT,
+            cwd=cwd,
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdin else self._log,
             stderr=self._log,
@@ -157,8 +159,10 @@ class Proc:
 class Server(Proc):
     """A server child listening on a loopback port; ready once `ready_path` answers."""
 
-    def __init__(self, name: str, argv: Sequence[str], port: int, ready_path: str) -> None:
-        super().__init__(name, argv)
+    def __init__(
+        self, name: str, argv: Sequence[str], port: int, ready_path: str, *, cwd: Path = ROOT
+    ) -> None:
+        super().__init__(name, argv, cwd=cwd)
         self.port = port
         self.url = f"http://{HOST}:{port}"
         self.ws_url = f"ws://{HOST}:{port}"
@@ -212,10 +216,15 @@ def start_relay(
     *extra: str,
     gc_stats: Path | None = None,
     gc_options: Sequence[str] = (),
+    python: str = PYTHON,
+    cwd: Path = ROOT,
 ) -> Server:
+    """`relay serve`; `python` and `cwd` choose the tree under test (its venv's python
+    runs `relay` from its own checkout), this one by default."""
     port = free_port()
     argv = [
-        *gc_wrapped("relay", gc_stats, gc_options),
+        python,
+        *gc_wrapped("relay", gc_stats, gc_options)[1:],
         "serve",
         "--port",
         str(port),
@@ -232,7 +241,7 @@ def start_relay(
         "15000",
         *extra,
     ]
-    return Server("relay", argv, port, "/healthz")
+    return Server("relay", argv, port, "/healthz", cwd=cwd)
 
 
 def start_minimal(
