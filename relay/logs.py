@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -34,6 +35,16 @@ def redactor(secrets: Iterable[str | None]) -> Callable[[str], str]:
         return TOKEN_IN_QUERY.sub(REDACTED, text)
 
     return redact
+
+
+def shown_url(url: str) -> str:
+    """A URL for a log line, its password blanked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def about(task_id: str) -> dict[str, str]:

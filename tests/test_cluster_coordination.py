@@ -306,7 +306,7 @@ async def test_a_follower_forgets_the_holder_of_a_task_it_stopped_watching(nodes
     for task_id in tasks:
         await b.backend.interest(task_id, False)
     assert b.backend._holders == {} and b.backend._known == {}
-    assert b.backend._interest_at == {}
+    assert b.backend._interest._written == {}
 
 
 async def test_a_release_that_does_not_reach_redis_is_sent_again(

@@ -36,17 +36,17 @@ from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from math import inf
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
 from redis.exceptions import NoScriptError, RedisError
 
 from ..backend import Change, Receive, Wake
 from ..hub import NOT_FOUND_TTL
-from ..logs import about
+from ..logs import about, shown_url
 from ..metrics import Metrics
-from ..protocol import HISTORY_SIZE, dumps
-from .keys import ACQUIRE, CHANNEL, HEARTBEAT, LOAD, NODES, RELEASE, interest_key, state_key
+from ..protocol import dumps
+from .interest import Interest
+from .keys import ACQUIRE, CHANNEL, HEARTBEAT, LOAD, NODES, RELEASE, ring_entries, state_key
 from .placement import Placement
 from .writer import ChangeWriter, Expiry, Stored, parse_batch
 
@@ -70,16 +70,6 @@ UNREACHABLE_LOG_EVERY = 30.0
 # A follower whose lease holder is alive looks at Redis only every this many checks.
 FOLLOWER_LOOK_CHECKS = 10
 SWEEP_NODES_EVERY = 100  # ticks
-
-
-def shown_url(url: str) -> str:
-    """The Redis URL for a log line: its password blanked."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def raise_if_cancelling() -> None:
@@ -115,6 +105,7 @@ class RedisBackend:
         self._redis = redis.Redis(connection_pool=pool)
         self._scripts: dict[str, str] = {}  # script -> its SHA once loaded
         self._calls = asyncio.Semaphore(REDIS_CALLS)
+        self._interest = Interest(self._redis, self._calls, self.placement, lease_ttl, self.failed)
         # Leases given up whose release did not reach Redis yet: sent again with each tick.
         self._to_release: set[str] = set()
         expiry = Expiry(ended=STATE_TTL_SECONDS, unknown=int(NOT_FOUND_TTL))
@@ -124,9 +115,7 @@ class RedisBackend:
         self._tasks: list[asyncio.Task[None]] = []
         # Tasks this node wants (a hub holds them), with the newest seq it has seen of
         # each, published or loaded: a load returns no older state, and no history, again.
-        self._wanted: set[str] = set()
         self._known: dict[str, int] = {}
-        self._interest_at: dict[str, float] = {}  # when this node's interest entry was written
         self._holders: dict[str, str] = {}  # wanted task -> the node seen holding its lease
         self._absent: dict[str, float] = {}  # holder -> when first seen missing from `live`
         self._held_at: dict[str, float] = {}  # task -> when its key's expiry was last set
@@ -152,16 +141,6 @@ class RedisBackend:
     def follow_interval(self) -> float:
         """How long a follower waits between looks; it is woken when the lease may be free."""
         return self.check_interval * FOLLOWER_LOOK_CHECKS
-
-    @property
-    def interest_refresh(self) -> float:
-        """How often this node rewrites its interest in a task it watches."""
-        return self.lease_ttl * 3
-
-    @property
-    def interest_ttl(self) -> float:
-        """How long an interest entry lasts unless rewritten: three refreshes."""
-        return self.interest_refresh * 3
 
     def redis_time(self) -> float:
         """Redis's clock (seconds), as read at the last heartbeat and carried on since."""
@@ -260,16 +239,14 @@ class RedisBackend:
     async def tick(self) -> None:
         """One turn of the node's ticker: heartbeat, live nodes, interest and old keys due."""
         now = time.monotonic()
-        interest_due = [
-            t for t in self._wanted if now - self._interest_at.get(t, -inf) >= self.interest_refresh
-        ]
+        interest_due = self._interest.due(now)
         keys_due = [t for t in self.leases if now - self._held_at.get(t, now) >= REFRESH_HELD_AFTER]
         ttl_ms = int(self.lease_ttl * 1000)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 await self._run(HEARTBEAT, [NODES], [self.node_id, ttl_ms], client=pipe)
                 for task_id in interest_due:
-                    self._add_interest(pipe, task_id)
+                    self._interest.write(pipe, task_id)
                 for task_id in keys_due:
                     pipe.expire(state_key(task_id), STATE_TTL_SECONDS)
                 if now - self._beat_at > self.lease_ttl * 10:
@@ -291,27 +268,19 @@ class RedisBackend:
             self._unverified |= self.leases
         self._beat_at = now
         self._answered()
-        for task_id in interest_due:
-            if task_id in self._wanted:
-                self._interest_at[task_id] = now
+        self._interest.written(interest_due, now)
         for task_id in keys_due:
             self._held_at[task_id] = now
         pairs = zip(live[::2], live[1::2], strict=True)
         nodes = {node.decode(): float(ms) / 1000 for node, ms in pairs}
         self.placement.saw_nodes(nodes)
-        self.placement.forget_stale(self.interest_refresh * 2)
+        self.placement.forget_stale(self._interest.refresh * 2)
         for node, since in list(self._absent.items()):
-            if node in nodes or now - since > self.interest_ttl:
+            if node in nodes or now - since > self._interest.ttl:
                 del self._absent[node]
         for task_id, holder in list(self._holders.items()):
             if holder not in nodes and holder != self.node_id:
                 self._wake(task_id)  # its holder stopped beating: the lease is to be taken
-
-    def _add_interest(self, pipe: Any, task_id: str) -> None:
-        key = interest_key(task_id)
-        ttl_ms = int(self.interest_ttl * 1000)
-        pipe.zadd(key, {self.node_id: int(self.redis_time() * 1000) + ttl_ms})
-        pipe.pexpire(key, ttl_ms)
 
     async def _listen_forever(self) -> None:
         """Deliver published changes to this node; reconnect and resync on failure."""
@@ -323,7 +292,7 @@ class RedisBackend:
                 self._listening = True
                 delay = 0.1
                 # Messages published while we were away are lost: read the stored truth.
-                for task_id in list(self._wanted):
+                for task_id in list(self._interest.wanted):
                     self._resync_soon(task_id)
                 await self._listen(pubsub)
             except asyncio.CancelledError:
@@ -384,7 +353,7 @@ class RedisBackend:
         if task_id in self.leases:
             # Another node stores this task's changes: its lease is that node's now.
             self._gave_up(task_id)
-        if task_id not in self._wanted:
+        if task_id not in self._interest.wanted:
             self._receive(change)  # not followed here: nothing to keep in step
             return
         if change.seq is not None:
@@ -423,7 +392,7 @@ class RedisBackend:
         except (RedisError, OSError) as exc:
             self.failed("read", exc)
             return None
-        if task_id in self._wanted:
+        if task_id in self._interest.wanted:
             # Who polls it now: a release whose message was lost is noticed here.
             self._saw_holder(task_id, owner.decode() if owner is not None else None)
         error = json.loads(raw_error) if raw_error is not None else None
@@ -434,7 +403,7 @@ class RedisBackend:
             return None
         if state is None:
             seq = None
-        elif task_id in self._wanted:
+        elif task_id in self._interest.wanted:
             self._known[task_id] = max(self._known.get(task_id, -1), seq or -1)
         return Change(task_id, seq, state, error=error, final=error is not None, history=ring)
 
@@ -448,7 +417,7 @@ class RedisBackend:
             if stored == Stored.BEHIND:
                 self._known.pop(task_id, None)
             return False
-        if change.seq is not None and task_id in self._wanted:
+        if change.seq is not None and task_id in self._interest.wanted:
             self._known[task_id] = max(self._known.get(task_id, -1), change.seq)
         return True
 
@@ -466,7 +435,7 @@ class RedisBackend:
     def _saw_holder(self, task_id: str, holder: str | None) -> None:
         if holder is None or holder == self.node_id:
             self._holders.pop(task_id, None)
-        elif task_id in self._wanted:
+        elif task_id in self._interest.wanted:
             self._holders[task_id] = holder
 
     def _holder_alive(self, task_id: str) -> bool:
@@ -500,7 +469,7 @@ class RedisBackend:
             return False  # its loop is woken when the holder stops beating or lets go
         if not self.healthy:
             return False
-        await self._read_watchers(task_id)
+        await self._interest.read(task_id, fresh=self.check_interval)
         take = task_id in self.leases or self.placement.should_take(task_id)
         dead = self._holders.get(task_id, "")
         try:
@@ -559,7 +528,7 @@ class RedisBackend:
         if task_id in self._unverified:
             return await self.acquire(task_id)
         if self.placement.hand_over_due(task_id):
-            await self._read_watchers(task_id, fresh=self.interest_refresh)
+            await self._interest.read(task_id, fresh=self._interest.refresh)
             to = self.placement.hand_over_to(task_id)
             if to is not None:
                 logger.debug("handing task %s over to node %s", task_id, to, extra=about(task_id))
@@ -599,94 +568,11 @@ class RedisBackend:
     # -- interest ----------------------------------------------------------------------
 
     async def interest(self, task_id: str, wanted: bool) -> int:
-        """Record (or drop) this node's interest; return how many live nodes want the task.
-
-        Which nodes they are goes to the placement: the lease is for one of them. Written
-        when it changes; the ticker rewrites the entries that are due, all in one round
-        trip."""
-        if wanted and task_id in self._wanted:
-            return max(1, self._watcher_count(task_id))
-        if wanted:
-            self._wanted.add(task_id)
-            await self._write_interest(task_id, True)
-            return max(1, self._watcher_count(task_id))
-        self._holders.pop(task_id, None)
-        look = self._looks.pop(task_id, None)
-        if look is not None:
-            look.cancel()
-        if task_id in self._wanted:
-            self._wanted.discard(task_id)
+        """Record (or drop) this node's interest; return how many live nodes want the task."""
+        if not wanted:
+            self._holders.pop(task_id, None)
             self._known.pop(task_id, None)
-            self._interest_at.pop(task_id, None)
-            await self._write_interest(task_id, False)
-        else:
-            # Polled for other nodes' subscribers: look again once a lease period.
-            await self._read_watchers(task_id, fresh=self.lease_ttl)
-        return self._watcher_count(task_id)
-
-    def _watcher_count(self, task_id: str) -> int:
-        """The nodes whose interest in the task holds: unexpired, and from a live node, or
-        written within the last lease period (a node that joined since the last tick)."""
-        now = self.redis_time()
-        recent = now - self.lease_ttl + self.interest_ttl
-        live = self.placement.live
-        _, nodes = self.placement.watchers.get(task_id, (0.0, {}))
-        return sum(
-            1
-            for node, expiry in nodes.items()
-            if expiry > now and (node == self.node_id or live.get(node, 0) > now or expiry > recent)
-        )
-
-    async def _write_interest(self, task_id: str, wanted: bool) -> None:
-        key = interest_key(task_id)
-        try:
-            async with self._calls, self._redis.pipeline(transaction=False) as pipe:
-                if wanted:
-                    self._add_interest(pipe, task_id)
-                else:
-                    pipe.zrem(key, self.node_id)
-                pipe.zrangebyscore(key, int(self.redis_time() * 1000), "+inf", withscores=True)
-                results = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self.failed("interest", exc)
-            return
-        if wanted and task_id in self._wanted:
-            self._interest_at[task_id] = time.monotonic()
-        self._saw_watchers(task_id, results[-1])
-
-    async def _read_watchers(self, task_id: str, fresh: float | None = None) -> None:
-        """Read which nodes watch the task, unless read within `fresh` seconds."""
-        seen = self.placement.watchers.get(task_id)
-        limit = self.check_interval if fresh is None else fresh
-        if seen is not None and time.monotonic() - seen[0] < limit:
-            return
-        try:
-            async with self._calls:
-                entries = await self._redis.zrangebyscore(
-                    interest_key(task_id), int(self.redis_time() * 1000), "+inf", withscores=True
-                )
-        except (RedisError, OSError) as exc:
-            self.failed("interest", exc)
-            return
-        self._saw_watchers(task_id, entries)
-
-    def _saw_watchers(self, task_id: str, entries: Any) -> None:
-        self.placement.saw_watchers(task_id, {node.decode(): ms / 1000 for node, ms in entries})
-
-
-def ring_entries(fields: list[bytes], seq: int | None) -> list[tuple[int, dict[str, Any]]]:
-    """The stored states of the ring that lead up to `seq`, oldest first.
-
-    A slot may still hold a state of an earlier run of the task (numbered lower, and not
-    within the last `HISTORY_SIZE` of `seq`): left out."""
-    if seq is None:
-        return []
-    entries: list[tuple[int, dict[str, Any]]] = []
-    for name, value in zip(fields[::2], fields[1::2], strict=True):
-        if not name.startswith(b"r"):
-            continue
-        entry_seq, state = json.loads(value)
-        if seq - HISTORY_SIZE < int(entry_seq) <= seq:
-            entries.append((int(entry_seq), state))
-    entries.sort(key=lambda entry: entry[0])
-    return entries
+            look = self._looks.pop(task_id, None)
+            if look is not None:
+                look.cancel()
+        return await self._interest.say(task_id, wanted)

@@ -19,6 +19,11 @@ could hold them later. The node registry and the channel are shared by all tasks
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+from ..protocol import HISTORY_SIZE
+
 CHANNEL = "relay:changes"
 NODES = "relay:nodes"
 
@@ -90,3 +95,21 @@ local seq, err, owner = unpack(redis.call('HMGET', KEYS[1], 'seq', 'error', 'own
 if not seq or tonumber(seq) <= tonumber(ARGV[1]) then return {seq, err, owner, {}} end
 return {seq, err, owner, redis.call('HGETALL', KEYS[1])}
 """
+
+
+def ring_entries(fields: list[bytes], seq: int | None) -> list[tuple[int, dict[str, Any]]]:
+    """The stored states of the ring that lead up to `seq`, oldest first.
+
+    A slot may still hold a state of an earlier run of the task (numbered lower, and not
+    within the last `HISTORY_SIZE` of `seq`): left out."""
+    if seq is None:
+        return []
+    entries: list[tuple[int, dict[str, Any]]] = []
+    for name, value in zip(fields[::2], fields[1::2], strict=True):
+        if not name.startswith(b"r"):
+            continue
+        entry_seq, state = json.loads(value)
+        if seq - HISTORY_SIZE < int(entry_seq) <= seq:
+            entries.append((int(entry_seq), state))
+    entries.sort(key=lambda entry: entry[0])
+    return entries
