@@ -94,7 +94,7 @@ class RedisBackend:
         self._unverified: set[str] = set()
         self.metrics = metrics
         self.placement = Placement(self.node_id, lease_ttl, clock=self.redis_time)
-        metrics.leases_held.set_function(lambda: len(self.leases))
+        metrics.leases_held.set_function(self.held_count)
         pool = redis.ConnectionPool.from_url(
             url,
             max_connections=REDIS_CONNECTIONS,
@@ -146,6 +146,14 @@ class RedisBackend:
         """Redis's clock (seconds), as read at the last heartbeat and carried on since."""
         at, when = self._redis_now
         return at + (time.monotonic() - when) if when > -inf else time.time()
+
+    def _beat_fresh(self) -> bool:
+        """Whether this node's heartbeat holds for at least another check."""
+        return time.monotonic() - self._beat_at < self.lease_ttl - self.check_interval
+
+    def held_count(self) -> int:
+        """The leases this node can vouch for (`relay_leases_held`)."""
+        return len(self.leases - self._unverified) if self._beat_fresh() else 0
 
     @property
     def healthy(self) -> bool:
@@ -259,8 +267,6 @@ class RedisBackend:
             self.failed("heartbeat", exc)
             return
         raise_if_cancelling()
-        if self._to_release:
-            await self._release_all(())
         redis_ms, before, live = results[0]
         self._redis_now = (int(redis_ms) / 1000, now)
         if before is None or float(before) < float(redis_ms):
@@ -281,6 +287,8 @@ class RedisBackend:
         for task_id, holder in list(self._holders.items()):
             if holder not in nodes and holder != self.node_id:
                 self._wake(task_id)  # its holder stopped beating: the lease is to be taken
+        if self._to_release:
+            await self._release_again()
 
     async def _listen_forever(self) -> None:
         """Deliver published changes to this node; reconnect and resync on failure."""
@@ -319,7 +327,7 @@ class RedisBackend:
             now = time.monotonic()
             if message is not None:
                 heard = now
-            elif now - heard > self.lease_ttl:
+            elif now - heard > 2 * self.lease_ttl:
                 # Not even our PINGs' answers came back on this connection: half-open.
                 raise ConnectionError("no answer on the pub/sub connection")
             else:
@@ -525,6 +533,10 @@ class RedisBackend:
         to the node that should poll the task (False: this node stops and follows)."""
         if task_id not in self.leases or not self.healthy:
             return False  # kept in `leases` while unhealthy: checked again by `acquire`
+        if not self._beat_fresh():
+            # The heartbeat may run out before this poll ends (the node stalled): another
+            # node may be taking the lease; make sure first.
+            self._unverified.add(task_id)
         if task_id in self._unverified:
             return await self.acquire(task_id)
         if self.placement.hand_over_due(task_id):
@@ -546,12 +558,11 @@ class RedisBackend:
 
     async def _release_all(self, task_ids: Iterable[str]) -> None:
         """Give leases up, in one round trip, and say so: followers take them at once. What
-        does not reach Redis is sent again with the next tick: a lease left naming a live
-        node would never be taken by another."""
-        for task_id in task_ids:
+        does not reach Redis is sent again by the ticker: a lease left naming a live node
+        would never be taken by another."""
+        released = list(task_ids)
+        for task_id in released:
             self._gave_up(task_id)
-            self._to_release.add(task_id)
-        released = list(self._to_release)
         if not released:
             return
         try:
@@ -562,8 +573,14 @@ class RedisBackend:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.failed("lease", exc)
+            self._to_release.update(released)
             return
         self._to_release.difference_update(released)
+
+    async def _release_again(self) -> None:
+        """The ticker's retry of the releases that did not reach Redis."""
+        pending, self._to_release = self._to_release, set()
+        await self._release_all(pending)
 
     # -- interest ----------------------------------------------------------------------
 
