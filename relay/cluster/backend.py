@@ -44,11 +44,20 @@ from ..backend import Change, Receive, Wake
 from ..hub import NOT_FOUND_TTL
 from ..logs import about, shown_url
 from ..metrics import Metrics
-from ..protocol import dumps
 from .interest import Interest
-from .keys import ACQUIRE, CHANNEL, HEARTBEAT, LOAD, NODES, RELEASE, ring_entries, state_key
+from .keys import (
+    ACQUIRE,
+    CHANNEL,
+    HEARTBEAT,
+    LOAD,
+    NODES,
+    RELEASE,
+    Scripts,
+    ring_entries,
+    state_key,
+)
 from .placement import Placement
-from .writer import ChangeWriter, Expiry, Stored, parse_batch
+from .writer import ChangeWriter, Expiry, Stored, batch_message, parse_batch
 
 logger = logging.getLogger("relay.cluster")
 
@@ -103,13 +112,13 @@ class RedisBackend:
             health_check_interval=5,
         )
         self._redis = redis.Redis(connection_pool=pool)
-        self._scripts: dict[str, str] = {}  # script -> its SHA once loaded
+        self._scripts = Scripts(self._redis)
         self._calls = asyncio.Semaphore(REDIS_CALLS)
         self._interest = Interest(self._redis, self._calls, self.placement, lease_ttl, self.failed)
         # Leases given up whose release did not reach Redis yet: sent again with each tick.
         self._to_release: set[str] = set()
         expiry = Expiry(ended=STATE_TTL_SECONDS, unknown=int(NOT_FOUND_TTL))
-        self._writer = ChangeWriter(self._redis, self.node_id, expiry, self.failed)
+        self._writer = ChangeWriter(self._redis, self._scripts, self.node_id, expiry, self.failed)
         self._receive: Receive = lambda change: True
         self._wake: Wake = lambda task_id: None
         self._tasks: list[asyncio.Task[None]] = []
@@ -163,7 +172,7 @@ class RedisBackend:
     def failed(self, what: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(what).inc()
         if isinstance(exc, NoScriptError):
-            self._scripts.clear()  # Redis restarted and forgot them: load them again
+            self._scripts.forget()  # Redis restarted and forgot them: load them again
         now = time.monotonic()
         if self._unreachable_since is None:
             self._unreachable_since = now
@@ -185,25 +194,11 @@ class RedisBackend:
         self._unreachable_said = -inf
 
     async def _run(self, script: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
-        """EVALSHA, loading the script first (and again if Redis forgot it); on a pipeline,
-        only queued."""
-        if client is None:
-            async with self._calls:
-                return await self._evalsha(script, keys, args, self._redis)
-        return await self._evalsha(script, keys, args, client)
-
-    async def _evalsha(self, script: str, keys: list[str], args: list[Any], target: Any) -> Any:
-        for _ in range(2):
-            sha = self._scripts.get(script)
-            if sha is None:
-                sha = self._scripts[script] = str(await self._redis.script_load(script))
-            try:
-                return await target.evalsha(sha, len(keys), *keys, *args)
-            except RedisError as exc:
-                if "NOSCRIPT" not in str(exc):
-                    raise
-                del self._scripts[script]
-        raise RedisError("NOSCRIPT twice")
+        """Run a script now (one of the loops' bounded calls), or queue it on a pipeline."""
+        if client is not None:
+            return await self._scripts.queue(client, script, keys, args)
+        async with self._calls:
+            return await self._scripts.run(script, keys, args)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -257,10 +252,10 @@ class RedisBackend:
                     self._interest.write(pipe, task_id)
                 for task_id in keys_due:
                     pipe.expire(state_key(task_id), STATE_TTL_SECONDS)
-                if now - self._beat_at > self.lease_ttl * 10:
-                    pipe.zremrangebyscore(
-                        NODES, "-inf", int(self.redis_time() * 1000) - ttl_ms * 10
-                    )
+                self._ticks += 1
+                if self._ticks % SWEEP_NODES_EVERY == 1:  # nodes long dead leave the registry
+                    gone = int(self.redis_time() * 1000) - ttl_ms * 10
+                    pipe.zremrangebyscore(NODES, "-inf", gone)
                 results = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise_if_cancelling()
@@ -464,9 +459,11 @@ class RedisBackend:
         seen = self._absent.setdefault(node, now)
         return self._beat_at <= seen
 
-    async def _try_acquire(self, task_id: str, take: bool, dead: str) -> Any:
+    async def _try_acquire(self, task_id: str, take: bool, dead: str) -> tuple[int, str]:
+        """ACQUIRE's answer: 1, 0 or 2, and the holder it names ('' for none)."""
         args = [self.node_id, "1" if take else "0", dead, STATE_TTL_SECONDS]
-        return await self._run(ACQUIRE, [state_key(task_id)], args)
+        won, holder = await self._run(ACQUIRE, [state_key(task_id)], args)
+        return int(won), holder.decode() if isinstance(holder, bytes) else ""
 
     async def acquire(self, task_id: str) -> bool:
         """Take the lease if it is free (or its holder stopped beating) and this node should
@@ -482,7 +479,6 @@ class RedisBackend:
         dead = self._holders.get(task_id, "")
         try:
             won, holder = await self._try_acquire(task_id, take, dead)
-            holder = holder.decode() if isinstance(holder, bytes) else str(holder or "")
             if won == 0 and holder != dead and not self._alive(holder):
                 # Held by a node this one had not seen holding it, and that node is dead.
                 dead = holder
@@ -491,7 +487,6 @@ class RedisBackend:
             self.failed("lease", exc)
             self._look_again(task_id)
             return False
-        holder = holder.decode() if isinstance(holder, bytes) else str(holder or "")
         if won != 1:
             self._gave_up(task_id)
             self._saw_holder(task_id, holder or None)
@@ -569,7 +564,7 @@ class RedisBackend:
             async with self._calls, self._redis.pipeline(transaction=False) as pipe:
                 for task_id in released:
                     await self._run(RELEASE, [state_key(task_id)], [self.node_id], client=pipe)
-                pipe.publish(CHANNEL, dumps({"n": self.node_id, "c": [], "r": released}))
+                pipe.publish(CHANNEL, batch_message(self.node_id, [], released))
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self.failed("lease", exc)

@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import redis.asyncio as redis
+from redis.exceptions import NoScriptError
+
 from ..protocol import HISTORY_SIZE
 
 CHANNEL = "relay:changes"
@@ -95,6 +98,39 @@ local seq, err, owner = unpack(redis.call('HMGET', KEYS[1], 'seq', 'error', 'own
 if not seq or tonumber(seq) <= tonumber(ARGV[1]) then return {seq, err, owner, {}} end
 return {seq, err, owner, redis.call('HGETALL', KEYS[1])}
 """
+
+
+class Scripts:
+    """Each script's SHA once Redis has loaded it, so that a call sends the SHA alone.
+
+    `EVALSHA` itself, not redis-py's scripts, which on a pipeline ask Redis whether the
+    script exists before every batch. Redis forgets the scripts when it restarts: `forget`
+    (on NOSCRIPT) has the next call load them again."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._shas: dict[str, str] = {}
+
+    async def sha(self, script: str) -> str:
+        sha = self._shas.get(script)
+        if sha is None:
+            sha = self._shas[script] = str(await self._redis.script_load(script))
+        return sha
+
+    def forget(self) -> None:
+        self._shas.clear()
+
+    async def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script now, loading it first (and again if Redis forgot it)."""
+        try:
+            return await self._redis.evalsha(await self.sha(script), len(keys), *keys, *args)
+        except NoScriptError:
+            self.forget()
+            return await self._redis.evalsha(await self.sha(script), len(keys), *keys, *args)
+
+    async def queue(self, pipe: Any, script: str, keys: list[str], args: list[Any]) -> None:
+        """Queue a script on a pipeline; a NOSCRIPT answer comes with its results."""
+        pipe.evalsha(await self.sha(script), len(keys), *keys, *args)
 
 
 def ring_entries(fields: list[bytes], seq: int | None) -> list[tuple[int, dict[str, Any]]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ..backend import Change
 from ..protocol import HISTORY_SIZE, ErrorCode, dumps
-from .keys import CHANNEL, STORE, ring_field, state_key
+from .keys import CHANNEL, STORE, Scripts, ring_field, state_key
 
 MAX_BATCH = 500
 # How long a batch gathers before it goes: each batch is a round trip and a PUBLISH, and a
@@ -69,15 +69,16 @@ class ChangeWriter:
     def __init__(
         self,
         client: redis.Redis,
+        scripts: Scripts,
         node_id: str,
         expiry: Expiry,
         failed: Callable[[str, BaseException], None],
     ) -> None:
         self._redis = client
+        self._scripts = scripts
         self._node_id = node_id
         self._expiry = expiry
         self._failed = failed
-        self._sha: str | None = None
         self._pending: list[tuple[Change, asyncio.Future[int]]] = []
         self._sending: list[tuple[Change, asyncio.Future[int]]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -121,7 +122,7 @@ class ChangeWriter:
         try:
             answers = await self._store_all(changes)
             if any(isinstance(answer, NoScriptError) for answer in answers):
-                self._sha = None  # Redis restarted and forgot the script: load it again
+                self._scripts.forget()  # Redis restarted and forgot the script
                 answers = await self._store_all(changes)
             for answer in answers:
                 if isinstance(answer, Exception):
@@ -129,25 +130,28 @@ class ChangeWriter:
             results = [int(answer) for answer in answers]
             stored = [c for c, done in zip(changes, results, strict=True) if done == Stored.DONE]
             if stored:
-                message = {"n": self._node_id, "c": [message_of(c) for c in stored]}
-                await self._redis.publish(CHANNEL, dumps(message))
+                await self._redis.publish(CHANNEL, batch_message(self._node_id, stored))
         except (RedisError, OSError) as exc:
             self._failed("publish", exc)
             return [Stored.FENCED] * len(changes)  # the loops stop; they retake their leases
         return results
 
     async def _store_all(self, changes: list[Change]) -> list[Any]:
-        """One pipeline of fenced stores; each answer is 1, 0 or the error it raised.
-
-        `EVALSHA` on a pipeline of its own, not redis-py's pipelined scripts, which ask
-        Redis whether the script exists before every batch."""
-        if self._sha is None:
-            self._sha = str(await self._redis.script_load(STORE))
+        """One pipeline of fenced stores; each answer is 1, 0, -1 or the error it raised."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for change in changes:
                 args = store_args(self._node_id, change, self._expiry)
-                pipe.evalsha(self._sha, 1, state_key(change.task_id), *args)
+                await self._scripts.queue(pipe, STORE, [state_key(change.task_id)], args)
             return list(await pipe.execute(raise_on_error=False))
+
+
+def batch_message(node_id: str, changes: list[Change], released: Sequence[str] = ()) -> str:
+    """One published message (`parse_batch` reads it): the changes a node stored, each as
+    `message_of` says, and the leases it released."""
+    message: dict[str, Any] = {"n": node_id, "c": [message_of(c) for c in changes]}
+    if released:
+        message["r"] = list(released)
+    return dumps(message)
 
 
 @dataclass(frozen=True)
