@@ -9,7 +9,6 @@ reads the stored state now and then, in case the polling node went quiet.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -131,8 +130,8 @@ async def poll_task(
     owner = False
     failures = 0
     next_poll = 0.0
-    looked = -math.inf  # when a follower last read the stored state
     await sync(task, backend)
+    looked = time.monotonic()  # when the stored state was last read (as a follower's look)
     try:
         while not task.ended and not signal.shutting_down:
             if not backend.healthy:
